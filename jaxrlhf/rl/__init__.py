@@ -1,0 +1,51 @@
+"""The seed's math: pure functions on arrays (no models, no configs).
+
+Convention: the last axis is time ([T] for one sequence, [B, T] for a batch, any leading dims); a
+``mask`` is 0/1 and marks the valid response tokens of each row as one contiguous run.
+"""
+
+from jaxrlhf.rl.kl import AdaptiveKLState, adaptive_kl_update, kl_estimate, kl_penalized_rewards
+from jaxrlhf.rl.logprobs import token_entropy, token_logprobs, trajectory_logprob
+from jaxrlhf.rl.losses import (
+    aggregate,
+    bradley_terry_loss,
+    ppo_loss,
+    ppo_policy_loss,
+    value_loss,
+)
+from jaxrlhf.rl.returns import discounted_return, gae, reward_to_go, td_error
+from jaxrlhf.rl.stats import (
+    approx_kl,
+    clip_fraction,
+    explained_variance,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+
+__all__ = [
+    "AdaptiveKLState",
+    "adaptive_kl_update",
+    "aggregate",
+    "approx_kl",
+    "bradley_terry_loss",
+    "clip_fraction",
+    "discounted_return",
+    "explained_variance",
+    "gae",
+    "kl_estimate",
+    "kl_penalized_rewards",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "ppo_loss",
+    "ppo_policy_loss",
+    "reward_to_go",
+    "td_error",
+    "token_entropy",
+    "token_logprobs",
+    "trajectory_logprob",
+    "value_loss",
+]

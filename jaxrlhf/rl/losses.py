@@ -1,0 +1,153 @@
+"""The losses: PPO's clipped surrogate, the (clipped) value loss, the total PPO loss, Bradley-Terry."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf.rl._checks import check_same_shape, zero_masked
+from jaxrlhf.rl.stats import masked_mean
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+
+
+def aggregate(per_token: jnp.ndarray, mask: jnp.ndarray, *, aggregation: str = "token_mean"):
+    """Reduce a per-token loss [..., T] to a scalar.
+
+    token_mean:          Σ m·x / Σ m                 every valid token weighs the same (default)
+    seq_mean_token_mean: mean_seq(Σₜ m·x / Σₜ m)      every sequence weighs the same
+    seq_mean_token_sum:  mean_seq(Σₜ m·x)             long sequences weigh more (Dr. GRPO style)
+    """
+    check_same_shape(per_token, mask)
+    if aggregation == "token_mean":
+        return masked_mean(per_token, mask)
+    if aggregation == "seq_mean_token_mean":
+        return jnp.mean(masked_mean(per_token, mask, axis=-1))
+    if aggregation == "seq_mean_token_sum":
+        return jnp.mean(jnp.sum(zero_masked(per_token, mask), axis=-1))
+    raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
+
+
+def ppo_policy_loss(
+    logprobs: jnp.ndarray,
+    old_logprobs: jnp.ndarray,
+    advantages: jnp.ndarray,
+    mask: jnp.ndarray,
+    *,
+    clip_eps: float,
+    aggregation: str = "token_mean",
+) -> jnp.ndarray:
+    """PPO's clipped surrogate objective, as a loss (Schulman et al. 2017, arXiv:1707.06347).
+
+    ρₜ = exp(log π_θ(aₜ|sₜ) − log π_old(aₜ|sₜ))
+    L_policy = mean_m[ −min(ρₜ Âₜ, clip(ρₜ, 1−ε, 1+ε) Âₜ) ]
+
+    The min makes the objective a pessimistic bound: moving ρ beyond 1±ε in the direction the
+    advantage favours earns nothing, while moves that hurt are always counted.
+
+    Args:
+      logprobs: [..., T] log π_θ (differentiated).  old_logprobs: [..., T] log π_old at rollout.
+      advantages: [..., T] Â (treated as constants).  mask: [..., T].
+      clip_eps: ε.  aggregation: see ``aggregate``.
+    Returns:
+      scalar loss.
+    """
+    check_same_shape(logprobs, old_logprobs, advantages, mask)
+    log_ratio = zero_masked(logprobs - jax.lax.stop_gradient(old_logprobs), mask)  # [..., T]
+    ratio = jnp.exp(log_ratio)
+    advantages = jax.lax.stop_gradient(zero_masked(advantages, mask))
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    return aggregate(-jnp.minimum(unclipped, clipped), mask, aggregation=aggregation)
+
+
+def value_loss(
+    values: jnp.ndarray,
+    old_values: jnp.ndarray,
+    returns: jnp.ndarray,
+    mask: jnp.ndarray,
+    *,
+    clip_eps: float | None = None,
+    aggregation: str = "token_mean",
+) -> jnp.ndarray:
+    """The critic's regression loss, optionally clipped around the rollout-time values.
+
+    L_value = mean_m[(V − R)²]
+    clipped:  mean_m[max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²)]
+
+    Note: no ½ factor (the seed's plain MSE). trl and cleanrl use ½·max(...), so their
+    ``vf_coef`` corresponds to half of ours.
+
+    Args:
+      values: [..., T] V_θ (differentiated).  old_values: [..., T] V at rollout.
+      returns: [..., T] targets R (constants).  mask: [..., T].  clip_eps: ε or None.
+    Returns:
+      scalar loss.
+    """
+    check_same_shape(values, old_values, returns, mask)
+    values = zero_masked(values, mask)
+    returns = jax.lax.stop_gradient(zero_masked(returns, mask))
+    loss = (values - returns) ** 2  # [..., T]
+    if clip_eps is not None:
+        old_values = jax.lax.stop_gradient(zero_masked(old_values, mask))
+        clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+        loss = jnp.maximum(loss, (clipped - returns) ** 2)
+    return aggregate(loss, mask, aggregation=aggregation)
+
+
+def ppo_loss(
+    logprobs: jnp.ndarray,
+    old_logprobs: jnp.ndarray,
+    advantages: jnp.ndarray,
+    values: jnp.ndarray,
+    old_values: jnp.ndarray,
+    returns: jnp.ndarray,
+    mask: jnp.ndarray,
+    entropy: jnp.ndarray,
+    *,
+    clip_eps: float,
+    value_clip_eps: float | None = None,
+    vf_coef: float = 0.1,
+    ent_coef: float = 0.0,
+    aggregation: str = "token_mean",
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """The seed's total PPO loss: clipped policy loss, value loss and entropy bonus.
+
+    L = L_policy + c₁ · L_value − c₂ · H,     H = mean_m[entropyₜ]
+
+    Args:
+      logprobs, old_logprobs, advantages: see ``ppo_policy_loss``.
+      values, old_values, returns: see ``value_loss``.
+      mask: [..., T].  entropy: [..., T] per-token entropy of π_θ (``token_entropy``).
+      clip_eps: policy ε.  value_clip_eps: value ε (None: unclipped).
+      vf_coef: c₁.  ent_coef: c₂.  aggregation: for the policy loss.
+    Returns:
+      (scalar loss, {"policy": L_policy, "value": L_value, "entropy": H}).
+    """
+    check_same_shape(logprobs, entropy, mask)
+    policy = ppo_policy_loss(
+        logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps, aggregation=aggregation
+    )
+    value = value_loss(values, old_values, returns, mask, clip_eps=value_clip_eps)
+    entropy_mean = masked_mean(entropy, mask)
+    loss = policy + vf_coef * value - ent_coef * entropy_mean
+    return loss, {"policy": policy, "value": value, "entropy": entropy_mean}
+
+
+def bradley_terry_loss(
+    chosen_rewards: jnp.ndarray, rejected_rewards: jnp.ndarray, *, margin=0.0
+) -> jnp.ndarray:
+    """The reward model's pairwise loss (Bradley & Terry 1952; Ouyang et al. 2022).
+
+    P(y_c ≻ y_r | x) = σ(r(x, y_c) − r(x, y_r))
+    L = mean[−log σ(r_c − r_r − m)]            (m: optional margin, Llama-2 style)
+
+    Args:
+      chosen_rewards: [B] scores of the preferred responses.
+      rejected_rewards: [B] scores of the other ones.
+      margin: scalar or [B].
+    Returns:
+      scalar loss; log 2 when r_c = r_r (and m = 0).
+    """
+    check_same_shape(chosen_rewards, rejected_rewards)
+    return jnp.mean(-jax.nn.log_sigmoid(chosen_rewards - rejected_rewards - margin))
