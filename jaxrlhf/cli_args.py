@@ -38,8 +38,14 @@ def _scalar_parser(tp, optional: bool, flag: str):
     return parse
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls, *, prefix: str = "") -> None:
-    """Add one flag per field of ``config_cls`` (in a group named after the class)."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, config_cls, *, prefix: str = "", defaults=None
+) -> None:
+    """Add one flag per field of ``config_cls`` (in a group named after the class).
+
+    ``prefix`` (e.g. ``"ppo-"``) keeps several configs apart on one command line; ``defaults`` (an
+    instance of ``config_cls``) replaces the class defaults, for commands with their own presets.
+    """
     hints = typing.get_type_hints(config_cls)
     group = parser.add_argument_group(
         config_cls.__name__, (config_cls.__doc__ or "").split("\n")[0]
@@ -53,6 +59,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls, *, prefix:
         default = field.default
         if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
             default = field.default_factory()
+        if defaults is not None:
+            default = getattr(defaults, field.name)
         required = default is dataclasses.MISSING
         tp, optional = _unwrap_optional(hints[field.name])
         kwargs: dict[str, Any] = dict(dest=dest, help=f"{help_text} (default: {default})")

@@ -77,3 +77,10 @@ def test_option_refuses_mutable_defaults_and_missing_help():
         option([1], "a list")
     with pytest.raises(ValueError):
         option(1)
+
+
+def test_prefix_and_preset_defaults():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ToyConfig, prefix="ppo-", defaults=ToyConfig(steps=7))
+    args = parser.parse_args(["--ppo-lr", "0.25"])
+    assert config_from_args(ToyConfig, args, prefix="ppo-") == ToyConfig(lr=0.25, steps=7)
