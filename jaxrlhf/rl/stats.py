@@ -33,6 +33,8 @@ def masked_var(x: jnp.ndarray, mask: jnp.ndarray, *, unbiased: bool = True) -> j
 
     var_m(x) = Σ mᵢ (xᵢ − mean_m(x))² / (Σ mᵢ − 1)
     """
+    check_same_shape(x, mask)
+    x = zero_masked(x.astype(jnp.float32), mask)  # before squaring: a huge masked entry → nan grad
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     if unbiased:
