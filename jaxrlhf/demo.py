@@ -216,7 +216,9 @@ def run_demo(
     # Re-tokenising decoded text can add a token or two; cut those (the data code counts them).
     pair_config = dataclasses.replace(task.data_config, truncate=True)
     pairs = tokenize_pairs(dataset, task.tokenizer, pair_config)
-    gold_agreement = float(np.mean(pair_info["gold_chosen"] > pair_info["gold_rejected"]))
+    gold_c, gold_r = pair_info["gold_chosen"], pair_info["gold_rejected"]
+    untied = gold_c != gold_r  # pairs where the gold reward has a preference at all
+    gold_agreement = float(np.mean(gold_c[untied] > gold_r[untied])) if untied.any() else 0.0
 
     stage("training the reward model (Bradley-Terry)")
     reward_model = reward_model_from_policy(base, seed=demo.seed)
@@ -294,6 +296,7 @@ def run_demo(
             "num_train_pairs": int(rm_metrics["num_train_pairs"]),
             "num_eval_pairs": int(rm_metrics["num_eval_pairs"]),
             "annotator_gold_agreement": gold_agreement,
+            "gold_tie_fraction": float(1.0 - untied.mean()),
             **norm_stats,
         },
         "policies": {
@@ -332,9 +335,10 @@ def _write_demo_report(demo, ppo, summary, results, runs) -> str:
             "Reward model",
             (
                 f"Held-out pairwise accuracy **{rm['held_out_accuracy']:.3f}** on "
-                f"{rm['num_eval_pairs']} pairs (trained on {rm['num_train_pairs']}). The noisy "
-                f"annotators agree with the gold reward on {rm['annotator_gold_agreement']:.3f} "
-                "of the pairs, which bounds what any reward model can reach on their labels."
+                f"{rm['num_eval_pairs']} annotated pairs (trained on {rm['num_train_pairs']}). "
+                f"The gold reward ties on {rm['gold_tie_fraction']:.3f} of the pairs (a coin flip "
+                "for the annotators); on the others the noisy annotators pick the gold-better "
+                f"response {rm['annotator_gold_agreement']:.3f} of the time."
             ),
         ),
         (
