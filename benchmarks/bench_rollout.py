@@ -1,0 +1,173 @@
+"""Rollout speed: jaxrlhf.generate against transformers' generate, on the same GPT-2 weights.
+
+For each GPT-2 size (~174k, ~3.5M, ~26M parameters) a random transformers model is saved to a
+temporary directory and loaded into jaxrlhf with from_pretrained. Both then sample (temperature 1,
+no top-k/top-p, no EOS: exactly N tokens per prompt) for 16 prompts × 16 prompt tokens, N = 16 and 128.
+
+Reported: tokens/s for each and the ratio; our compile time (first call, excluded from our timing);
+our decode time per token, (t_N − t_1)/(N − 1) with t_1 the prefill-only time, which should be flat in N.
+
+    python benchmarks/bench_rollout.py [--repeats 3] [--sizes tiny small medium]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from jaxrlhf.models.hf import from_pretrained, num_params
+from jaxrlhf.rollout import generate
+
+SIZES = {  # name: (vocab, n_embd, n_layer, n_head, n_positions)
+    "tiny": (128, 64, 3, 4, 256),  # ≈ 174k parameters
+    "small": (1024, 256, 4, 4, 256),  # ≈ 3.5M
+    "medium": (2048, 512, 8, 8, 256),  # ≈ 26M
+}
+BATCH, PROMPT_LEN = 16, 16
+
+
+def make_checkpoint(size: str, root: str) -> str:
+    vocab, d, layers, heads, positions = SIZES[size]
+    config = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_embd=d,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=positions,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    path = os.path.join(root, size)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def time_ours(model, ids, mask, n: int, repeats: int):
+    def run(seed):
+        out = generate(model, ids, mask, max_new_tokens=n, rng=jax.random.key(seed))
+        return jax.block_until_ready(out.tokens)
+
+    start = time.perf_counter()
+    run(0)  # compile
+    compile_s = time.perf_counter() - start
+    times = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        run(r + 1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), compile_s
+
+
+def time_hf(model, ids, mask, n: int, repeats: int):
+    ids_t = torch.tensor(np.asarray(ids), dtype=torch.long)
+    mask_t = torch.tensor(np.asarray(mask), dtype=torch.long)
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids_t,
+                attention_mask=mask_t,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=0,
+            )
+        assert out.shape[1] == PROMPT_LEN + n
+        return out
+
+    best = None
+    # torch's intra-op threads can be much slower than one thread on a busy 2-core machine: time both
+    # and keep the better, to be fair to transformers.
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        run()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        if best is None or statistics.median(times) < best[0]:
+            best = (statistics.median(times), threads)
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--new-tokens", nargs="+", type=int, default=[16, 128])
+    args = parser.parse_args()
+    transformers.logging.set_verbosity_error()
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for size in args.sizes:
+            path = make_checkpoint(size, root)
+            ours = from_pretrained(path)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+            vocab = SIZES[size][0]
+            ids = jnp.asarray(rng.integers(1, vocab, (BATCH, PROMPT_LEN)), jnp.int32)
+            mask = jnp.ones_like(ids)
+            prefill_s, _ = time_ours(ours, ids, mask, 1, args.repeats)
+            for n in args.new_tokens:
+                ours_s, compile_s = time_ours(ours, ids, mask, n, args.repeats)
+                hf_s, threads = time_hf(hf, ids, mask, n, args.repeats)
+                tokens = BATCH * n
+                rows.append(
+                    {
+                        "size": size,
+                        "params": num_params(ours),
+                        "n": n,
+                        "ours": tokens / ours_s,
+                        "hf": tokens / hf_s,
+                        "compile": compile_s,
+                        "threads": threads,
+                        "per_token_ms": 1000 * (ours_s - prefill_s) / (n - 1),
+                    }
+                )
+                r = rows[-1]
+                print(
+                    f"{size}: {r['params']:,} params, N={n}: ours {r['ours']:.0f} tok/s, "
+                    f"transformers {r['hf']:.0f} tok/s, ×{r['ours'] / r['hf']:.1f}",
+                    flush=True,
+                )
+    print()
+    print(
+        f"{BATCH} prompts × {PROMPT_LEN} tokens, sampling (temperature 1), median of {args.repeats}"
+    )
+    print(
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, {os.cpu_count()} CPUs"
+    )
+    print()
+    print(
+        "| model | params | new tokens | jaxrlhf tok/s | transformers tok/s (torch threads) | ratio "
+        "| jaxrlhf compile s | jaxrlhf decode ms/token |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| gpt2-{r['size']} | {r['params'] / 1e6:.3g}M | {r['n']} | {r['ours']:,.0f} "
+            f"| {r['hf']:,.0f} ({r['threads']}) | {r['ours'] / r['hf']:.1f}× | {r['compile']:.1f} "
+            f"| {r['per_token_ms']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

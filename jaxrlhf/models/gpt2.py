@@ -1,0 +1,155 @@
+"""GPT-2 (Radford et al. 2019): learned positions, pre-LayerNorm blocks, GELU MLP, tied embeddings.
+
+    h₀ = wte[x] + wpe[pos]
+    hₗ' = hₗ + attn(ln_1(hₗ));   hₗ₊₁ = hₗ' + mlp(ln_2(hₗ'))      mlp(x) = c_proj(gelu(c_fc(x)))
+    out = ln_f(h_L)        (the LM head, in heads.py, is out · wteᵀ)
+
+Attribute names follow Hugging Face's GPT2Model so that checkpoint conversion (hf.py) is a table.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.layers import (
+    LayerNorm,
+    attend_with_cache,
+    dense,
+    dropout,
+    embedding,
+    fold_rng,
+    jnp_dtype,
+)
+
+
+class GPT2Attention(nnx.Module):
+    """Multi-head causal self-attention with a fused q/k/v projection c_attn [D, 3D]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        D = config.hidden_size
+        self.c_attn = dense(config, D, 3 * D, bias=True, rngs=rngs)
+        self.c_proj = dense(config, D, D, bias=True, rngs=rngs)
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+
+    def __call__(self, x, mask, layer_cache, cache_index, dropout_rng):
+        B, T, _D = x.shape
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 × [B, T, D]
+        q, k, v = (a.reshape(B, T, self.num_heads, self.head_dim) for a in (q, k, v))
+        out, layer_cache = attend_with_cache(
+            q,
+            k,
+            v,
+            mask,
+            layer_cache,
+            cache_index,
+            dropout_rate=self.dropout,
+            dropout_rng=fold_rng(dropout_rng, 0),
+        )  # [B, T, D]
+        out = dropout(self.c_proj(out), self.dropout, fold_rng(dropout_rng, 1))
+        return out, layer_cache
+
+
+class GPT2MLP(nnx.Module):
+    """c_proj(gelu(c_fc(x))), GELU in the tanh approximation for "gelu_new" (as HF)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.c_fc = dense(
+            config, config.hidden_size, config.intermediate_size, bias=True, rngs=rngs
+        )
+        self.c_proj = dense(
+            config, config.intermediate_size, config.hidden_size, bias=True, rngs=rngs
+        )
+        self.approximate = config.hidden_act != "gelu"
+        self.dropout = config.dropout
+
+    def __call__(self, x, dropout_rng):
+        h = jax.nn.gelu(self.c_fc(x), approximate=self.approximate)  # [B, T, F]
+        return dropout(self.c_proj(h), self.dropout, dropout_rng)  # [B, T, D]
+
+
+class GPT2Block(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp_dtype(config)
+        self.ln_1 = LayerNorm(config.hidden_size, eps=config.norm_eps, dtype=dtype)
+        self.attn = GPT2Attention(config, rngs=rngs)
+        self.ln_2 = LayerNorm(config.hidden_size, eps=config.norm_eps, dtype=dtype)
+        self.mlp = GPT2MLP(config, rngs=rngs)
+
+    def __call__(self, x, mask, layer_cache, cache_index, dropout_rng):
+        a, layer_cache = self.attn(
+            self.ln_1(x), mask, layer_cache, cache_index, fold_rng(dropout_rng, 0)
+        )
+        x = x + a  # [B, T, D]
+        x = x + self.mlp(self.ln_2(x), fold_rng(dropout_rng, 1))  # [B, T, D]
+        return x, layer_cache
+
+
+class GPT2Model(nnx.Module):
+    """The GPT-2 trunk: token ids → final-LayerNorm hidden states [B, T, D]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.wte = embedding(config, config.vocab_size, config.hidden_size, rngs=rngs)
+        self.wpe = embedding(config, config.max_position_embeddings, config.hidden_size, rngs=rngs)
+        self.h = nnx.List([GPT2Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.ln_f = LayerNorm(config.hidden_size, eps=config.norm_eps, dtype=jnp_dtype(config))
+
+    def token_embedding(self):
+        """The [V, D] token embedding matrix (the tied LM head)."""
+        return self.wte.embedding[...]
+
+    def __call__(self, input_ids, positions, mask, *, cache=None, cache_index=0, dropout_rng=None):
+        """Args: input_ids, positions [B, T]; mask [B, T, S] bool (layers.causal_mask);
+        cache: a layers.KVCache or None. Returns (hidden [B, T, D], new cache or None)."""
+        x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
+        x = dropout(x, self.config.dropout, fold_rng(dropout_rng, 0))
+        keys, values = [], []
+        for i, block in enumerate(self.h):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, layer_cache = block(x, mask, layer_cache, cache_index, fold_rng(dropout_rng, i + 1))
+            if cache is not None:
+                keys.append(layer_cache[0])
+                values.append(layer_cache[1])
+        x = self.ln_f(x)  # [B, T, D]
+        if cache is not None:
+            cache = cache.replace(keys=tuple(keys), values=tuple(values))
+        return x, cache
+
+
+def hf_weight_names(config: ModelConfig) -> list[tuple[str, tuple, bool]]:
+    """(HF tensor name, path in our trunk's state, transpose?) for every trunk parameter.
+
+    HF's GPT-2 uses Conv1D layers whose weight is already [in, out] like our kernels: no transposes.
+    """
+    names = [
+        ("transformer.wte.weight", ("wte", "embedding"), False),
+        ("transformer.wpe.weight", ("wpe", "embedding"), False),
+        ("transformer.ln_f.weight", ("ln_f", "weight"), False),
+        ("transformer.ln_f.bias", ("ln_f", "bias"), False),
+    ]
+    for i in range(config.num_layers):
+        p = f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            names += [
+                (p + f"{ln}.weight", ("h", i, ln, "weight"), False),
+                (p + f"{ln}.bias", ("h", i, ln, "bias"), False),
+            ]
+        for sub, layer in (
+            ("attn", "c_attn"),
+            ("attn", "c_proj"),
+            ("mlp", "c_fc"),
+            ("mlp", "c_proj"),
+        ):
+            names += [
+                (p + f"{sub}.{layer}.weight", ("h", i, sub, layer, "kernel"), False),
+                (p + f"{sub}.{layer}.bias", ("h", i, sub, layer, "bias"), False),
+            ]
+    return names
+
+
+HF_TRUNK_PREFIX = "transformer."

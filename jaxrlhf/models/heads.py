@@ -1,0 +1,183 @@
+"""The four RLHF models: one decoder-only trunk (gpt2.py / llama.py) with different heads.
+
+    CausalLM     actor / reference:   logits = trunk(x) · W_lmᵀ                       [B, T, V]
+    ActorCritic  actor + value head:  (logits [B, T, V], values = trunk(x) · w_v + b_v  [B, T])
+    ValueModel   separate critic:     values [B, T]
+    RewardModel  reward model:        score = trunk(x)[last real token] · w + b         [B]
+
+Every forward pass is pure (it reads parameters, mutates nothing), so the models can be split with
+``nnx.split`` and merged inside ``jax.jit`` / ``jax.grad``. Logits, values and scores are float32
+whatever the parameter dtype. Dropout (config.dropout > 0) is applied only when a ``dropout_rng`` key
+is passed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.gpt2 import GPT2Model
+from jaxrlhf.models.layers import KVCache, causal_mask, jnp_dtype, positions_from_mask
+from jaxrlhf.models.llama import LlamaModel
+
+
+def make_trunk(config: ModelConfig, *, rngs: nnx.Rngs):
+    """The family's trunk: GPT2Model or LlamaModel."""
+    return {"gpt2": GPT2Model, "llama": LlamaModel}[config.family](config, rngs=rngs)
+
+
+def trunk_hidden(trunk, input_ids, attention_mask, *, dropout_rng=None):
+    """Final-norm hidden states [B, T, D] of a (left-)padded batch without a cache."""
+    chex.assert_rank([input_ids, attention_mask], 2)
+    chex.assert_equal_shape([input_ids, attention_mask])
+    positions = positions_from_mask(attention_mask)  # [B, T]
+    mask = causal_mask(attention_mask, input_ids.shape[1])  # [B, T, T]
+    hidden, _ = trunk(input_ids, positions, mask, dropout_rng=dropout_rng)
+    return hidden
+
+
+def scalar_head(config: ModelConfig, *, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+    """Linear D → 1, weight ~ N(0, std²), zero bias."""
+    dtype = jnp_dtype(config)
+    return nnx.Linear(
+        config.hidden_size,
+        1,
+        kernel_init=nnx.initializers.normal(std),
+        bias_init=nnx.initializers.zeros_init(),
+        dtype=dtype,
+        param_dtype=dtype,
+        rngs=rngs,
+    )
+
+
+def _scalar(head: nnx.Linear, hidden):
+    """Apply a D → 1 head in float32: [..., D] → [...]."""
+    kernel = head.kernel[...].astype(jnp.float32)  # [D, 1]
+    bias = head.bias[...].astype(jnp.float32)  # [1]
+    return (hidden.astype(jnp.float32) @ kernel + bias)[..., 0]
+
+
+class CausalLM(nnx.Module):
+    """The actor (and the frozen reference): token ids → next-token logits."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = make_trunk(config, rngs=rngs)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            dtype = jnp_dtype(config)
+            self.lm_head = nnx.Linear(
+                config.hidden_size,
+                config.vocab_size,
+                use_bias=False,
+                kernel_init=nnx.initializers.normal(config.initializer_range),
+                dtype=dtype,
+                param_dtype=dtype,
+                rngs=rngs,
+            )
+
+    def hidden(self, input_ids, attention_mask, *, dropout_rng=None):
+        """Final-norm hidden states [B, T, D]."""
+        return trunk_hidden(self.model, input_ids, attention_mask, dropout_rng=dropout_rng)
+
+    def logits_from_hidden(self, hidden):
+        """LM head in float32: hidden [B, T, D] → logits [B, T, V]."""
+        if self.lm_head is None:
+            w = self.model.token_embedding()  # [V, D]
+            return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+        w = self.lm_head.kernel[...]  # [D, V]
+        return jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, attention_mask, *, dropout_rng=None):
+        """input_ids [B, T] int, attention_mask [B, T] (1 = real token, left padding) → logits
+        [B, T, V] float32; logits[:, t] predict token t + 1."""
+        return self.logits_from_hidden(
+            self.hidden(input_ids, attention_mask, dropout_rng=dropout_rng)
+        )
+
+    # ------------------------------------------------------------------ used by rollout.generate
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An all-zero KV cache of ``length`` slots."""
+        return KVCache.zeros(self.config, batch, length)
+
+    def forward_cached(self, input_ids, positions, kv_mask, cache: KVCache, cache_index):
+        """Run T new tokens through the model, reading and writing the KV cache.
+
+        Args:
+          input_ids, positions: [B, T]; kv_mask: [B, S] which cache slots hold real tokens;
+          cache: KVCache with S slots; cache_index: slot of the first new token.
+        Returns (logits [B, T, V] float32, the updated cache).
+        """
+        mask = causal_mask(kv_mask, input_ids.shape[1], cache_index)  # [B, T, S]
+        hidden, cache = self.model(input_ids, positions, mask, cache=cache, cache_index=cache_index)
+        return self.logits_from_hidden(hidden), cache
+
+
+class ActorCritic(nnx.Module):
+    """An actor with a value head on its trunk (like trl's AutoModelForCausalLMWithValueHead).
+
+    One trunk pass gives logits [B, T, V] and per-token values [B, T]; values[:, t] estimates the
+    return from the state that ends with token t.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.lm = CausalLM(config, rngs=rngs)
+        self.value_head = scalar_head(
+            config, std=1.0 / math.sqrt(config.hidden_size + 1), rngs=rngs
+        )
+
+    def __call__(self, input_ids, attention_mask, *, dropout_rng=None):
+        hidden = self.lm.hidden(input_ids, attention_mask, dropout_rng=dropout_rng)  # [B, T, D]
+        return self.lm.logits_from_hidden(hidden), _scalar(self.value_head, hidden)
+
+
+class ValueModel(nnx.Module):
+    """A separate critic: its own trunk and a value head → values [B, T]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = make_trunk(config, rngs=rngs)
+        self.value_head = scalar_head(
+            config, std=1.0 / math.sqrt(config.hidden_size + 1), rngs=rngs
+        )
+
+    def __call__(self, input_ids, attention_mask, *, dropout_rng=None):
+        hidden = trunk_hidden(self.model, input_ids, attention_mask, dropout_rng=dropout_rng)
+        return _scalar(self.value_head, hidden)  # [B, T]
+
+
+def last_token_index(attention_mask):
+    """Index of the last position where attention_mask == 1: [B, T] → [B] (0 for an empty row)."""
+    T = attention_mask.shape[-1]
+    return jnp.max(jnp.arange(T) * (attention_mask > 0), axis=-1)
+
+
+class RewardModel(nnx.Module):
+    """Trunk + scalar head read at the last real token → one score per sequence [B].
+
+    The head is initialised N(0, 1/(D+1)) with zero bias (Ziegler et al. 2019, lm-human-preferences).
+    Exported as HF ``*ForSequenceClassification`` (num_labels=1, "score"), which reads the last token
+    that is not pad_token_id: the two agree when the pad token is used only for padding.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = make_trunk(config, rngs=rngs)
+        self.score = scalar_head(config, std=1.0 / math.sqrt(config.hidden_size + 1), rngs=rngs)
+
+    def token_scores(self, input_ids, attention_mask, *, dropout_rng=None):
+        """The head applied at every position: [B, T] float32."""
+        hidden = trunk_hidden(self.model, input_ids, attention_mask, dropout_rng=dropout_rng)
+        return _scalar(self.score, hidden)
+
+    def __call__(self, input_ids, attention_mask, *, dropout_rng=None):
+        scores = self.token_scores(input_ids, attention_mask, dropout_rng=dropout_rng)  # [B, T]
+        last = last_token_index(attention_mask)  # [B]
+        return jnp.take_along_axis(scores, last[:, None], axis=-1)[:, 0]  # [B]

@@ -1,0 +1,339 @@
+"""Hugging Face checkpoints ↔ our NNX models: safetensors only, offline, no torch at run time.
+
+    from_pretrained(dir, head=...)  config.json → ModelConfig;  model.safetensors (or shards) → params
+    save_pretrained(model, dir)     the directory transformers' AutoModelFor*.from_pretrained reads
+
+The per-family tables ``hf_weight_names`` (gpt2.py, llama.py) say which HF tensor fills which of our
+parameters and whether it is transposed (torch Linear is [out, in], our kernels are [in, out]).
+Heads: ``lm_head.weight`` (untied LM head), ``score.weight`` (+ our ``score.bias``) for reward and value
+models (HF ``*ForSequenceClassification``), ``v_head.summary.*`` (trl's value head name) for the
+ActorCritic's value head.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from jaxrlhf.models import gpt2, llama
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.heads import ActorCritic, CausalLM, RewardModel, ValueModel, scalar_head
+from jaxrlhf.models.layers import jnp_dtype
+
+HEADS = {"lm": CausalLM, "actor_critic": ActorCritic, "value": ValueModel, "reward": RewardModel}
+FAMILY_MODULES = {"gpt2": gpt2, "llama": llama}
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+VALUE_HEAD_NAMES = ("v_head.summary.weight", "v_head.summary.bias")  # trl's value head
+SCORE_BIAS_KEY = "jaxrlhf_score_bias"  # config.json key recording a non-zero score bias
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read: names the file or tensor at fault."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, jnp.ndarray]:
+    """All tensors of a local HF checkpoint directory (single file or sharded) as jax arrays.
+
+    Refuses pickle checkpoints (``*.bin``, ``*.pt``, ``*.pth``): loading them runs arbitrary code.
+    """
+    path = os.fspath(path)
+    single = os.path.join(path, WEIGHTS_NAME)
+    index = os.path.join(path, WEIGHTS_INDEX_NAME)
+    if os.path.exists(single):
+        files = [single]
+    elif os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not os.path.exists(file):
+                raise CheckpointError(f"shard {file} named in {index} does not exist")
+    else:
+        pickles = [
+            os.path.basename(p)
+            for ext in ("bin", "pt", "pth", "ckpt")
+            for p in glob.glob(os.path.join(path, f"*.{ext}"))
+        ]
+        if pickles:
+            raise CheckpointError(
+                f"{path} holds only pickle checkpoint(s) {sorted(pickles)}; jaxrlhf reads safetensors "
+                "only (pickle runs arbitrary code). Convert once with transformers: "
+                "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, "
+                "safe_serialization=True)"
+            )
+        raise CheckpointError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {path}")
+    tensors = {}
+    for file in files:
+        with safe_open(file, framework="flax") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def _param(module, path: tuple) -> nnx.Param:
+    """The nnx.Param at ``path`` (attribute names and list indices) under ``module``."""
+    obj = module
+    for p in path:
+        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
+    return obj
+
+
+def _assign(param: nnx.Param, tensor, name: str, *, transpose: bool, dtype) -> None:
+    array = jnp.asarray(tensor)
+    if transpose:
+        array = array.T
+    if array.shape != param.shape:
+        raise CheckpointError(
+            f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+            f"{tuple(param.shape[::-1]) if transpose else tuple(param.shape)}"
+        )
+    param.set_value(array.astype(dtype))
+
+
+def _normalise_names(tensors: dict, config: ModelConfig) -> dict:
+    """Accept old GPT-2 checkpoints saved without the ``transformer.`` prefix."""
+    if (
+        config.family == "gpt2"
+        and "wte.weight" in tensors
+        and "transformer.wte.weight" not in tensors
+    ):
+        return {
+            (k if k.startswith(("lm_head.", "score.", "v_head.")) else "transformer." + k): v
+            for k, v in tensors.items()
+        }
+    return tensors
+
+
+def _take(tensors: dict, name: str, path: str):
+    if name not in tensors:
+        raise CheckpointError(f"tensor {name!r} is missing from the checkpoint at {path}")
+    return tensors[name]
+
+
+def load_trunk(trunk, tensors: dict, config: ModelConfig, path: str) -> None:
+    """Fill a GPT2Model / LlamaModel from HF tensors, checking names and shapes."""
+    dtype = jnp_dtype(config)
+    for name, our_path, transpose in FAMILY_MODULES[config.family].hf_weight_names(config):
+        _assign(
+            _param(trunk, our_path),
+            _take(tensors, name, path),
+            name,
+            transpose=transpose,
+            dtype=dtype,
+        )
+
+
+def _load_scalar_head(head: nnx.Linear, tensors: dict, weight: str, bias: str, dtype, path: str):
+    _assign(head.kernel, _take(tensors, weight, path), weight, transpose=True, dtype=dtype)
+    if bias in tensors:
+        _assign(head.bias, tensors[bias], bias, transpose=False, dtype=dtype)
+
+
+def from_pretrained(
+    path: str | os.PathLike, *, head: str = "lm", seed: int = 0, **config_overrides
+) -> CausalLM | ActorCritic | ValueModel | RewardModel:
+    """Load a local Hugging Face checkpoint directory (config.json + safetensors) as one of our models.
+
+    Args:
+      path: directory with config.json and model.safetensors (or model.safetensors.index.json).
+      head: "lm" → CausalLM (logits = model(input_ids, attention_mask)); "actor_critic" →
+        ActorCritic; "value" → ValueModel (separate critic); "reward" → RewardModel. Heads absent
+        from the checkpoint (value head, reward score) are freshly initialised from ``seed``.
+      config_overrides: ModelConfig fields to change, e.g. dtype="bfloat16" or dropout=0.1.
+    Raises CheckpointError (a ValueError) naming the missing/mis-shaped tensor or refused file, and
+    ValueError naming an unsupported model_type.
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    config = ModelConfig.from_hf(path, **config_overrides)
+    tensors = _normalise_names(read_safetensors(path), config)
+    dtype = jnp_dtype(config)
+    # Build the model abstractly (shapes only, no random init of weights we overwrite anyway).
+    model = nnx.eval_shape(lambda: HEADS[head](config, rngs=nnx.Rngs(seed)))
+    lm = model.lm if isinstance(model, ActorCritic) else model
+    load_trunk(lm.model, tensors, config, path)
+    if isinstance(lm, CausalLM) and lm.lm_head is not None:
+        _assign(
+            lm.lm_head.kernel,
+            _take(tensors, "lm_head.weight", path),
+            "lm_head.weight",
+            transpose=True,
+            dtype=dtype,
+        )
+    if isinstance(model, (ActorCritic, RewardModel, ValueModel)):
+        target = model.score if isinstance(model, RewardModel) else model.value_head
+        names = (
+            VALUE_HEAD_NAMES if isinstance(model, ActorCritic) else ("score.weight", "score.bias")
+        )
+        # A fresh head N(0, 1/(D+1)), zero bias; overwritten by the checkpoint's head if it has one.
+        fresh = scalar_head(
+            config, std=1.0 / math.sqrt(config.hidden_size + 1), rngs=nnx.Rngs(seed)
+        )
+        target.kernel.set_value(fresh.kernel[...])
+        target.bias.set_value(fresh.bias[...])
+        if names[0] in tensors:
+            _load_scalar_head(target, tensors, *names, dtype, path)
+    unset = [
+        jax.tree_util.keystr(p)
+        for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+        if isinstance(v, jax.ShapeDtypeStruct)
+    ]
+    if unset:  # a bug in the tables above, not in the checkpoint
+        raise RuntimeError(f"parameters left unloaded: {unset}")
+    return model
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def hf_tensors(model) -> tuple[dict[str, jnp.ndarray], str]:
+    """The HF tensors of a model and the HF architecture kind ("CausalLM" / "SequenceClassification")."""
+    if not isinstance(model, tuple(HEADS.values())):
+        raise TypeError(f"cannot export {type(model).__name__}; expected one of {list(HEADS)}")
+    config = model.config
+    lm = model.lm if isinstance(model, ActorCritic) else model
+    tensors = {}
+    for name, our_path, transpose in FAMILY_MODULES[config.family].hf_weight_names(config):
+        value = _param(lm.model, our_path)[...]
+        tensors[name] = value.T if transpose else value
+    if isinstance(model, (CausalLM, ActorCritic)):
+        if lm.lm_head is not None:
+            tensors["lm_head.weight"] = lm.lm_head.kernel[...].T
+        if isinstance(model, ActorCritic):
+            tensors[VALUE_HEAD_NAMES[0]] = model.value_head.kernel[...].T  # [1, D]
+            tensors[VALUE_HEAD_NAMES[1]] = model.value_head.bias[...]  # [1]
+        return tensors, "CausalLM"
+    head = model.score if isinstance(model, RewardModel) else model.value_head
+    tensors["score.weight"] = head.kernel[...].T  # [1, D]
+    if float(jnp.abs(head.bias[...]).max()) != 0.0:
+        tensors["score.bias"] = head.bias[
+            ...
+        ]  # [1] (not read by transformers; see save_pretrained)
+    return tensors, "SequenceClassification"
+
+
+def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, pad_token_id=None) -> None:
+    """Write ``model`` as a Hugging Face checkpoint directory, atomically.
+
+    CausalLM / ActorCritic → ``*ForCausalLM`` (GPT2LMHeadModel); the ActorCritic's value head is saved
+    under trl's names ``v_head.summary.*`` (transformers ignores them, ``from_pretrained(head=
+    "actor_critic")`` reads them back). RewardModel / ValueModel → ``*ForSequenceClassification``
+    with num_labels=1: transformers reads the "score" head at the last token that is not
+    ``pad_token_id`` (ours reads the last token with attention_mask 1 — the same position when the pad
+    token is used only for padding), so a pad token id is required (argument, tokenizer, or
+    config.pad_token_id). transformers' score head has no bias: a non-zero score bias is written as
+    an extra ``score.bias`` tensor (read back by us, ignored by transformers) and, for a reward model, a
+    warning says transformers' scores will be shifted by it.
+
+    Files are written to a temporary directory next to ``path`` and renamed into place, so a crash
+    never leaves a half-written checkpoint over a good one. Files of an existing ``path`` that we do
+    not write (e.g. tokenizer files) are kept; old weight files are replaced.
+    """
+    path = os.path.abspath(os.fspath(path))
+    tensors, architecture = hf_tensors(model)
+    config = model.config
+    if pad_token_id is None and tokenizer is not None:
+        pad_token_id = tokenizer.pad_token_id
+    if pad_token_id is not None:
+        config = config.replace(pad_token_id=int(pad_token_id))
+    hf_config = config.to_hf(architecture=architecture)
+    if architecture == "SequenceClassification":
+        if config.pad_token_id is None:
+            raise ValueError(
+                f"saving a {type(model).__name__} needs a pad token id (HF reads the score at the last "
+                "non-pad token): pass pad_token_id= or tokenizer=, or set config.pad_token_id"
+            )
+        if config.eos_token_id is not None and config.eos_token_id == config.pad_token_id:
+            warnings.warn(
+                "pad_token_id == eos_token_id: transformers will read the score before a final EOS, "
+                "jaxrlhf at it; use a distinct pad token for identical scores",
+                stacklevel=2,
+            )
+        if "score.bias" in tensors:
+            bias = float(np.asarray(tensors["score.bias"], np.float32)[0])
+            hf_config[SCORE_BIAS_KEY] = bias
+            if isinstance(model, RewardModel):
+                warnings.warn(
+                    f"the reward head has bias {bias:g}; transformers' score head has no bias, so its "
+                    "scores will be this much lower (jaxrlhf.from_pretrained restores it)",
+                    stacklevel=2,
+                )
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        save_file(
+            {k: jnp.asarray(v) for k, v in tensors.items()},
+            os.path.join(tmp, WEIGHTS_NAME),
+            metadata={"format": "pt"},
+        )
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.isdir(path):
+            _keep_other_files(path, tmp)
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
+
+
+def _keep_other_files(old: str, new: str) -> None:
+    """Copy files of the old checkpoint that the new one does not have (tokenizer, README…)."""
+    for name in os.listdir(old):
+        if _is_weight_file(name) or os.path.exists(os.path.join(new, name)):
+            continue
+        src = os.path.join(old, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(new, name))
+        else:
+            shutil.copy2(src, os.path.join(new, name))
+
+
+def _swap_into_place(tmp: str, path: str) -> None:
+    """Rename tmp → path; an existing path is moved aside first and deleted only afterwards."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path} exists and is not a directory")
+    if not os.path.exists(path):
+        os.rename(tmp, path)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+    os.rmdir(old)
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)  # put the good checkpoint back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def num_params(model) -> int:
+    """Number of parameters (scalars) of a model."""
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,245 @@
+"""Pieces shared by the GPT-2 and Llama families: norms, dropout, RoPE, masks, attention, KV cache.
+
+Everything here is either a pure function on arrays or a tiny NNX module whose forward pass reads its
+parameters and nothing else (no mutable state), so a model can be used functionally:
+``graphdef, state = nnx.split(model)`` outside ``jax.jit`` and ``nnx.merge(graphdef, state)`` inside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxrlhf.models.config import ModelConfig
+
+
+def jnp_dtype(config: ModelConfig):
+    """The parameter/activation dtype of a config."""
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+
+
+def dense(config: ModelConfig, d_in: int, d_out: int, *, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+    """A Linear layer, kernel [d_in, d_out] ~ N(0, initializer_range²), zero bias."""
+    dtype = jnp_dtype(config)
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        kernel_init=nnx.initializers.normal(config.initializer_range),
+        dtype=dtype,
+        param_dtype=dtype,
+        rngs=rngs,
+    )
+
+
+def embedding(config: ModelConfig, num: int, dim: int, *, rngs: nnx.Rngs) -> nnx.Embed:
+    """An embedding table [num, dim] ~ N(0, initializer_range²)."""
+    dtype = jnp_dtype(config)
+    return nnx.Embed(
+        num,
+        dim,
+        embedding_init=nnx.initializers.normal(config.initializer_range),
+        dtype=dtype,
+        param_dtype=dtype,
+        rngs=rngs,
+    )
+
+
+class LayerNorm(nnx.Module):
+    """y = (x − mean(x)) / √(var(x) + ε) · weight + bias, statistics in float32 (GPT-2)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):  # [..., D]
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """y = weight · x / √(mean(x²) + ε), statistics in float32 (Llama; Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):  # [..., D]
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+def dropout(x, rate: float, rng):
+    """Inverted dropout: keep each entry with probability 1 − rate and scale by 1 / (1 − rate).
+
+    The identity when ``rate == 0`` or ``rng is None`` (rollout, evaluation, and the default RL setup).
+    """
+    if rate == 0.0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def fold_rng(rng, *indices: int):
+    """A distinct dropout key per (layer, site); None stays None."""
+    if rng is None:
+        return None
+    for i in indices:
+        rng = jax.random.fold_in(rng, i)
+    return rng
+
+
+# ----------------------------------------------------------------------------- positions & masks
+
+
+def positions_from_mask(attention_mask):
+    """Position of each token = number of real tokens before it: cumsum(mask) − 1, clipped at 0.
+
+    With left padding this gives a padded row the same positions (hence the same logits) as the
+    unpadded row.
+    """
+    mask = attention_mask.astype(jnp.int32)  # [B, T]
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)  # [B, T]
+
+
+def causal_mask(kv_mask, num_queries: int, cache_index=0):
+    """Which key slot each query may attend to.
+
+    Query i sits at slot ``cache_index + i``; it sees key slot j iff j ≤ cache_index + i and
+    kv_mask[j] = 1.
+    Args:
+      kv_mask: [B, S] 1 for real keys (the prompt's attention mask, then ones for generated tokens).
+      num_queries: T, the number of new tokens.
+      cache_index: slot of the first new token (0 without a cache).
+    Returns: [B, T, S] bool.
+    """
+    S = kv_mask.shape[-1]
+    query_slot = cache_index + jnp.arange(num_queries)  # [T]
+    key_slot = jnp.arange(S)  # [S]
+    causal = key_slot[None, :] <= query_slot[:, None]  # [T, S]
+    return causal[None] & kv_mask.astype(bool)[:, None, :]  # [B, T, S]
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies ωᵢ = θ^(−2i/d), i < d/2, with the config's rope scaling (Su et al. 2021).
+
+    linear:  ωᵢ / factor (positions interpolated by ``factor``).
+    llama3:  wavelengths λᵢ = 2π/ωᵢ longer than L/low_freq_factor are divided by ``factor``, shorter than
+             L/high_freq_factor kept, and in between interpolated with
+             s = (L/λᵢ − low) / (high − low):  ωᵢ' = (1 − s) ωᵢ / factor + s ωᵢ,
+             where L = original_max_position_embeddings (Llama 3.1 report).
+    """
+    d = config.head_dim
+    inv_freq = 1.0 / (
+        np.float32(config.rope_theta) ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d)
+    )  # [d/2]
+    scaling = config.rope_scaling_dict
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    # llama3
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions, inv_freq):
+    """cos and sin of the rotation angles pos · ωᵢ, each [B, T, d] (the d/2 angles repeated twice)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, d/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, d]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (xᵢ, xᵢ₊d/2) pair by its angle: x·cos + rotate_half(x)·sin (HF's half-split layout).
+
+    x: [B, T, H, d]; cos, sin: [B, T, d].
+    """
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # [B, T, H, d]
+    cos = cos[:, :, None, :].astype(x.dtype)  # [B, T, 1, d]
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- attention & KV cache
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for a preallocated window of S slots (used by generate)."""
+
+    keys: tuple  # L × [B, S, K, d]
+    values: tuple  # L × [B, S, K, d]
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, length: int) -> KVCache:
+        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        dtype = jnp_dtype(config)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(keys=zeros, values=zeros)
+
+
+def write_cache(cache_kv, new, cache_index):
+    """Write new keys (or values) [B, T, K, d] into the cache [B, S, K, d] at slots cache_index…+T."""
+    return jax.lax.dynamic_update_slice(
+        cache_kv, new.astype(cache_kv.dtype), (0, cache_index, 0, 0)
+    )
+
+
+def attention(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_rng=None):
+    """Scaled dot-product attention with grouped-query heads (Vaswani et al. 2017; Ainslie et al. 2023).
+
+    softmax(q kᵀ / √d + mask) v, where each of the K key/value heads serves H/K query heads.
+    Scores and softmax are in float32; masked scores get the most negative float, so a row with no
+    visible key (a padding query) gives finite, ignored output instead of NaN.
+    Args:
+      q: [B, T, H, d] queries; k, v: [B, S, K, d] keys/values; mask: [B, T, S] bool.
+    Returns: [B, T, H·d].
+    """
+    B, T, H, d = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, d)  # [B, T, K, G, d]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(d)  # [B, K, G, T, S]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, S]
+    probs = dropout(probs, dropout_rate, dropout_rng)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)  # [B, T, K, G, d]
+    return out.reshape(B, T, H * d)
+
+
+def attend_with_cache(
+    q, k, v, mask, layer_cache, cache_index, *, dropout_rate=0.0, dropout_rng=None
+):
+    """Attention over the new keys alone (layer_cache None) or over the cache after writing them in.
+
+    Returns (output [B, T, H·d], new layer cache (keys, values) or None).
+    """
+    if layer_cache is not None:
+        k = write_cache(layer_cache[0], k, cache_index)  # [B, S, K, d]
+        v = write_cache(layer_cache[1], v, cache_index)
+        layer_cache = (k, v)
+    out = attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    return out, layer_cache

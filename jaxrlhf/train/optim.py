@@ -1,0 +1,54 @@
+"""The optimiser: Adam(W) with global-norm gradient clipping and a learning-rate schedule (optax)."""
+
+from __future__ import annotations
+
+import optax
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def learning_rate_schedule(
+    learning_rate: float, *, total_steps: int, schedule: str = "linear", warmup_steps: int = 0
+) -> optax.Schedule:
+    """η(t): linear warm-up from 0 over ``warmup_steps``, then constant, linear or cosine decay to 0.
+
+    linear: η(t) = η₀ · (1 − (t − w) / (T − w));   cosine: η(t) = η₀ · ½(1 + cos(π (t − w) / (T − w)))
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: expected one of {SCHEDULES}")
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if schedule == "constant":
+        main = optax.constant_schedule(learning_rate)
+    elif schedule == "linear":
+        main = optax.linear_schedule(learning_rate, 0.0, decay_steps)
+    else:
+        main = optax.cosine_decay_schedule(learning_rate, decay_steps)
+    if warmup_steps <= 0:
+        return main
+    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def make_optimizer(
+    *,
+    learning_rate: float,
+    total_steps: int,
+    schedule: str = "linear",
+    warmup_steps: int = 0,
+    max_grad_norm: float | None = 1.0,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-5,
+) -> optax.GradientTransformation:
+    """clip_by_global_norm(max_grad_norm) → AdamW(η(t), β₁, β₂, ε, weight_decay).
+
+    g ← g · min(1, c / ‖g‖₂) over all parameters together;  then the Adam(W) update.
+    """
+    lr = learning_rate_schedule(
+        learning_rate, total_steps=total_steps, schedule=schedule, warmup_steps=warmup_steps
+    )
+    adam = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if max_grad_norm is None:
+        return adam
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adam)

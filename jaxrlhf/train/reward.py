@@ -1,0 +1,287 @@
+"""Reward-model training on preference pairs (Bradley-Terry), evaluation and normalisation.
+
+A reward model r(x, y) (``jaxrlhf.models.RewardModel``: a transformer trunk and a scalar head read at
+the last real token) is trained so that preferred responses score higher (Ouyang et al. 2022,
+arXiv:2203.02155 §3.5; Stiennon et al. 2020):
+
+    P(y_c ≻ y_r | x) = σ(r(x, y_c) − r(x, y_r))
+    L(θ) = mean_b[−log σ(r_c − r_r − m)]  +  c · mean_b[(r_c + r_r)²]
+
+with an optional margin m (Llama 2, Touvron et al. 2023) and an optional centring term of weight c
+(trl's ``center_rewards_coefficient``, Eisenstein et al. 2023) that keeps the scores near zero, since
+the Bradley-Terry loss only sees differences.
+
+The model starts from the SFT policy's trunk (it already "reads" the language) with a fresh head,
+weight N(0, 1/(D+1)), bias 0 (Ziegler et al. 2019).
+
+Normalisation (Ziegler et al. 2019): after training, the head is rescaled so that the scores of
+policy samples have mean 0 and std 1:  r'(x, y) = (r(x, y) − μ) / σ, folded into the head as
+w' = w/σ, b' = (b − μ)/σ. The statistics therefore travel with the model (save_pretrained,
+PPO's reward function) with nothing extra to apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxrlhf.config import option, require
+from jaxrlhf.data.preference import PairBatch, iterate_batches
+from jaxrlhf.rl import bradley_terry_loss
+from jaxrlhf.train.optim import make_optimizer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """Hyperparameters of reward-model training."""
+
+    epochs: int = option(2, "Passes over the training pairs.")
+    batch_size: int = option(32, "Preference pairs per step (2× sequences per forward pass).")
+    learning_rate: float = option(1e-3, "Peak AdamW learning rate (cosine decay).")
+    warmup_steps: int = option(10, "Linear learning-rate warm-up steps.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value (0: no clip).")
+    margin: float = option(0.0, "Bradley-Terry margin m: loss −log σ(r_c − r_r − m).")
+    center_rewards_coefficient: float | None = option(
+        None, "Weight c of the centring term c·mean((r_c + r_r)²) (trl); None: off."
+    )
+    eval_fraction: float = option(0.1, "Fraction of pairs held out for pairwise accuracy.")
+    seed: int = option(0, "Seed of the head initialisation, held-out split and shuffling.")
+
+    def __post_init__(self):
+        require(self.epochs >= 1, self, "epochs", "must be >= 1")
+        require(self.batch_size >= 1, self, "batch_size", "must be >= 1")
+        require(self.learning_rate > 0, self, "learning_rate", "must be > 0")
+        require(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
+        require(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
+        require(self.max_grad_norm >= 0, self, "max_grad_norm", "must be >= 0")
+        require(self.margin >= 0, self, "margin", "must be >= 0")
+        require(
+            self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
+            self,
+            "center_rewards_coefficient",
+            "must be None or >= 0",
+        )
+        require(0 <= self.eval_fraction < 1, self, "eval_fraction", "must be in [0, 1)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+# ----------------------------------------------------------------------------------------------
+
+
+def reward_centering_term(chosen_rewards, rejected_rewards):
+    """mean_b[(r_c + r_r)²]: zero when each pair's scores are symmetric around 0 (trl)."""
+    chex.assert_equal_shape([chosen_rewards, rejected_rewards])
+    return jnp.mean((chosen_rewards + rejected_rewards) ** 2)
+
+
+def reward_model_loss(
+    chosen_rewards, rejected_rewards, *, margin=0.0, center_rewards_coefficient=None
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """L = mean[−log σ(r_c − r_r − m)] + c · mean[(r_c + r_r)²]  → (loss, parts).
+
+    Args:
+      chosen_rewards, rejected_rewards: [B] scores.
+      margin: scalar or [B] margins m.
+      center_rewards_coefficient: c, or None for no centring term.
+    Returns:
+      (scalar loss, {"bt_loss", "center_loss", "accuracy", "margin_mean"}) where accuracy is the
+      fraction of pairs with r_c > r_r and margin_mean = mean(r_c − r_r).
+    """
+    chex.assert_rank([chosen_rewards, rejected_rewards], 1)
+    bt = bradley_terry_loss(chosen_rewards, rejected_rewards, margin=margin)
+    center = reward_centering_term(chosen_rewards, rejected_rewards)
+    loss = bt if center_rewards_coefficient is None else bt + center_rewards_coefficient * center
+    parts = {
+        "bt_loss": bt,
+        "center_loss": center,
+        "accuracy": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+        "margin_mean": jnp.mean(chosen_rewards - rejected_rewards),
+    }
+    return loss, parts
+
+
+# ----------------------------------------------------------------------------------------------
+# Model set-up and scoring
+# ----------------------------------------------------------------------------------------------
+
+
+def reward_model_from_policy(policy, *, seed: int = 0):
+    """A RewardModel with the trunk weights of ``policy`` (a CausalLM; copied, not shared) and a
+    fresh head: weight N(0, 1/(D+1)), bias 0."""
+    from jaxrlhf.models import RewardModel
+
+    reward_model = RewardModel(policy.config, rngs=nnx.Rngs(seed))
+    trunk = jax.tree.map(jnp.copy, nnx.state(policy.model))
+    nnx.update(reward_model.model, trunk)
+    return reward_model
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, ids, mask):
+    return nnx.merge(graphdef, state)(ids, mask)  # [b]  (compiled once per model structure)
+
+
+def score(model, input_ids, attention_mask, *, batch_size: int = 256) -> np.ndarray:
+    """Scores ``[N]`` of a reward model on ``[N, L]`` sequences, in batches of ``batch_size``
+    (the last batch padded to full size so that one compiled program serves all)."""
+    chex.assert_rank([input_ids, attention_mask], 2)
+    graphdef, state = nnx.split(model)
+    n = len(input_ids)
+    out = []
+    for start in range(0, n, batch_size):
+        ids = np.asarray(input_ids[start : start + batch_size])
+        mask = np.asarray(attention_mask[start : start + batch_size])
+        k = len(ids)
+        if k < batch_size and n > batch_size:
+            ids = np.concatenate([ids, np.repeat(ids[-1:], batch_size - k, 0)])
+            mask = np.concatenate([mask, np.repeat(mask[-1:], batch_size - k, 0)])
+        out.append(np.asarray(_forward(graphdef, state, jnp.asarray(ids), jnp.asarray(mask)))[:k])
+    return np.concatenate(out)
+
+
+def pairwise_accuracy(model, pairs: PairBatch, *, batch_size: int = 256) -> float:
+    """Fraction of pairs where the model scores the chosen response above the rejected one."""
+    chosen = score(model, pairs.chosen_ids, pairs.chosen_mask, batch_size=batch_size)
+    rejected = score(model, pairs.rejected_ids, pairs.rejected_mask, batch_size=batch_size)
+    return float(np.mean(chosen > rejected))
+
+
+def normalize_reward_model(model, input_ids, attention_mask, *, batch_size: int = 256):
+    """Rescale the head so the scores of these sequences (policy samples) have mean 0, std 1.
+
+        r' = (r − μ) / σ   folded in as   w' = w / σ,  b' = (b − μ) / σ
+
+    Returns (a normalised copy of the model, {"reward_mean": μ, "reward_std": σ}) — μ and σ are the
+    statistics before normalisation.
+    """
+    scores = score(model, input_ids, attention_mask, batch_size=batch_size)  # [N]
+    mean, std = float(np.mean(scores)), float(np.std(scores))
+    if not std > 0:
+        raise ValueError("normalize_reward_model: the scores have zero spread; cannot normalise")
+    graphdef, state = nnx.split(model)
+    normalized = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    head = normalized.score
+    head.kernel[...] = head.kernel[...] / std
+    head.bias[...] = (head.bias[...] - mean) / std
+    return normalized, {"reward_mean": mean, "reward_std": std}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random (train, held-out) split of range(n); held-out has round(n·eval_fraction) rows."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_eval = round(n * eval_fraction)
+    return order[n_eval:], order[:n_eval]
+
+
+def take_pairs(pairs: PairBatch, index: np.ndarray) -> PairBatch:
+    """The pairs at ``index``."""
+    return PairBatch(*(a[index] for a in pairs[:4]), pairs.num_truncated)
+
+
+def train_reward_model(
+    reward_model,
+    pairs: PairBatch,
+    config: RewardConfig,
+    *,
+    margins: np.ndarray | None = None,
+    eval_pairs: PairBatch | None = None,
+    progress: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """Train a RewardModel with the Bradley-Terry loss (+ margin, + centring) on preference pairs.
+
+    Args:
+      reward_model: a ``jaxrlhf.models.RewardModel`` (e.g. from :func:`reward_model_from_policy`);
+        not modified, a trained copy is returned.
+      pairs: tokenised pairs (``jaxrlhf.data.tokenize_pairs``).
+      config: hyperparameters.
+      margins: optional per-pair margins [N] (e.g. from a dataset's ``margin`` column); they
+        replace ``config.margin``.
+      eval_pairs: held-out pairs; if None, ``config.eval_fraction`` of ``pairs`` is held out.
+      progress: show a tqdm progress bar.
+    Returns:
+      (trained model, metrics): ``loss``, ``accuracy`` (per step, on the training batch),
+      ``eval_accuracy`` (held-out pairwise accuracy after each epoch), ``eval_loss`` (held-out
+      Bradley-Terry loss without margin, after each epoch), ``num_train_pairs``, ``num_eval_pairs``.
+    """
+    n = len(pairs.chosen_ids)
+    margins = np.full(n, config.margin, np.float32) if margins is None else np.asarray(margins)
+    if margins.shape != (n,):
+        raise ValueError(f"margins: shape {margins.shape}, expected ({n},) like the pairs")
+    margins = margins.astype(np.float32)
+    if eval_pairs is None and config.eval_fraction > 0:
+        train_index, eval_index = split_indices(n, config.eval_fraction, config.seed)
+        pairs, eval_pairs = take_pairs(pairs, train_index), take_pairs(pairs, eval_index)
+        margins = margins[train_index]
+    arrays = (*pairs[:4], margins)
+    steps_per_epoch = len(arrays[0]) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"RewardConfig.batch_size = {config.batch_size}: larger than the "
+            f"{len(arrays[0])} training pairs"
+        )
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = make_optimizer(
+        learning_rate=config.learning_rate,
+        total_steps=total_steps,
+        schedule="cosine",
+        warmup_steps=min(config.warmup_steps, total_steps - 1),
+        max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else None,
+        weight_decay=config.weight_decay,
+    )
+    graphdef, params, rest = nnx.split(reward_model, nnx.Param, ...)
+    opt_state = optimizer.init(params)
+    center = config.center_rewards_coefficient
+
+    def pair_scores(params, chosen_ids, chosen_mask, rejected_ids, rejected_mask):
+        model = nnx.merge(graphdef, params, rest)
+        ids = jnp.concatenate([chosen_ids, rejected_ids])  # [2B, L]  one forward pass
+        mask = jnp.concatenate([chosen_mask, rejected_mask])  # [2B, L]
+        scores = model(ids, mask)  # [2B]
+        return jnp.split(scores, 2)  # [B], [B]
+
+    @jax.jit
+    def step(params, opt_state, chosen_ids, chosen_mask, rejected_ids, rejected_mask, margin):
+        def loss_fn(params):
+            r_c, r_r = pair_scores(params, chosen_ids, chosen_mask, rejected_ids, rejected_mask)
+            return reward_model_loss(r_c, r_r, margin=margin, center_rewards_coefficient=center)
+
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, parts
+
+    rng = np.random.default_rng(config.seed)
+    metrics: dict[str, Any] = {"loss": [], "accuracy": [], "eval_accuracy": [], "eval_loss": []}
+    bar = tqdm(total=total_steps, desc="reward model", disable=not progress, leave=False)
+    for _ in range(config.epochs):
+        for batch in iterate_batches(arrays, config.batch_size, rng):
+            params, opt_state, loss, parts = step(params, opt_state, *map(jnp.asarray, batch))
+            metrics["loss"].append(float(loss))
+            metrics["accuracy"].append(float(parts["accuracy"]))
+            bar.update()
+            bar.set_postfix(loss=f"{metrics['loss'][-1]:.3f}")
+        if eval_pairs is not None and len(eval_pairs.chosen_ids):
+            model = nnx.merge(graphdef, params, rest)
+            r_c = score(model, eval_pairs.chosen_ids, eval_pairs.chosen_mask)
+            r_r = score(model, eval_pairs.rejected_ids, eval_pairs.rejected_mask)
+            metrics["eval_accuracy"].append(float(np.mean(r_c > r_r)))
+            metrics["eval_loss"].append(float(np.mean(np.logaddexp(0.0, -(r_c - r_r)))))
+    bar.close()
+    metrics["num_train_pairs"] = len(arrays[0])
+    metrics["num_eval_pairs"] = 0 if eval_pairs is None else len(eval_pairs.chosen_ids)
+    return nnx.merge(graphdef, params, rest), metrics

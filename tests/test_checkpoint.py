@@ -1,0 +1,108 @@
+"""Orbax checkpoints: round trip, atomicity (partial saves are invisible), exact resume."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+import train_utils as tu
+
+from jaxrlhf.train.checkpoint import (
+    all_steps,
+    latest_step,
+    restore_checkpoint,
+    save_checkpoint,
+)
+
+
+def assert_trees_equal(a, b, **tol):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def trained_state():
+    return tu.uninterrupted_run().state
+
+
+def test_round_trip_restores_state_and_config(tmp_path):
+    state = trained_state()
+    config = tu.learning_config()
+    save_checkpoint(tmp_path, 12, state, config=config)
+    fresh = tu.tiny_trainer(tu.learning_config(), policy_seed=3).state  # other values, same shapes
+    restored, saved_config = restore_checkpoint(tmp_path, fresh)
+    assert_trees_equal(restored, state, rtol=0, atol=0)
+    assert type(restored) is type(state) and type(restored.kl) is type(state.kl)
+    assert int(restored.iteration) == 12
+    assert saved_config["class"] == "PPOConfig"
+    assert saved_config["kl_target"] == config.kl_target and saved_config["adaptive_kl"] is True
+
+
+def test_no_temporary_directory_survives_a_save(tmp_path):
+    save_checkpoint(tmp_path, 1, {"x": np.arange(3.0)})
+    assert os.listdir(tmp_path) == ["1"]
+    assert os.path.exists(tmp_path / "1" / "commit_success.txt")
+
+
+def test_a_partial_save_is_invisible_and_cleaned_up(tmp_path):
+    good = {"x": np.arange(4.0)}
+    save_checkpoint(tmp_path, 3, good)
+    # A run killed while writing step 7 leaves only orbax's temporary directory behind.
+    partial = tmp_path / "7.orbax-checkpoint-tmp-1234567"
+    partial.mkdir()
+    (partial / "state").mkdir()
+    (partial / "state" / "half_written").write_bytes(b"\x00\x01")
+    assert latest_step(tmp_path) == 3
+    assert all_steps(tmp_path) == [3]
+    restored, _ = restore_checkpoint(tmp_path, good)
+    np.testing.assert_array_equal(restored["x"], good["x"])
+    save_checkpoint(tmp_path, 4, {"x": np.ones(4)})  # the next manager removes the leftover
+    assert sorted(os.listdir(tmp_path)) == ["3", "4"]
+
+
+def test_an_existing_checkpoint_is_never_overwritten(tmp_path):
+    save_checkpoint(tmp_path, 2, {"x": np.zeros(2)})
+    with pytest.raises(FileExistsError, match="step 2 already exists"):
+        save_checkpoint(tmp_path, 2, {"x": np.ones(2)})
+    restored, _ = restore_checkpoint(tmp_path, {"x": np.zeros(2)})
+    np.testing.assert_array_equal(restored["x"], np.zeros(2))
+
+
+def test_keep_deletes_only_older_checkpoints(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"x": np.full(2, float(step))}, keep=2)
+    assert all_steps(tmp_path) == [2, 3]
+    restored, _ = restore_checkpoint(tmp_path, {"x": np.zeros(2)}, step=2)
+    np.testing.assert_array_equal(restored["x"], [2.0, 2.0])
+
+
+def test_restore_without_a_checkpoint_names_the_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        restore_checkpoint(tmp_path, {"x": np.zeros(2)})
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    full = tu.uninterrupted_run()  # N = 12 iterations in one go
+    k = 5
+    config = tu.learning_config(checkpoint_dir=str(tmp_path), checkpoint_every=k)
+    first = tu.tiny_trainer(config)
+    first_history = first.train(k, progress=False)  # saves at iteration 5
+    del first
+    assert all_steps(tmp_path) == [k]
+
+    # A new trainer with a differently initialised policy: everything that matters comes from
+    # the checkpoint (params, Adam moments, rng, iteration, adaptive β).
+    resumed = tu.tiny_trainer(config, policy_seed=11)
+    assert resumed.restore(str(tmp_path)) == k
+    rest_history = resumed.train(progress=False)  # iterations 6 … 12, saving at 10 and 12
+
+    history = first_history + rest_history
+    assert len(history) == len(full.history) == 12
+    for got, want in zip(history, full.history):
+        for name in tu.TRL_METRICS:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    assert_trees_equal(resumed.state, full.state, rtol=1e-6, atol=1e-7)
+    assert all_steps(tmp_path) == [10, 12]  # keep_checkpoints = 2

@@ -1,0 +1,288 @@
+"""PPO: the config's validation, make_experience by hand and by composition, and a learning run."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import train_utils as tu
+
+from jaxrlhf import rl
+from jaxrlhf.train.ppo import (
+    PolicyWithCritic,
+    PPOConfig,
+    init_policy,
+    make_experience,
+    missing_eos_penalty,
+    ppo_minibatch_loss,
+    prompt_batch_indices,
+)
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("batch_size", 0),
+        ("num_minibatches", 3),  # does not divide batch_size = 64
+        ("clip_eps", 1.5),
+        ("temperature", 0.0),
+        ("kl_estimator", "k7"),
+        ("loss_aggregation", "sum"),
+        ("parallelism", "tpu"),
+        ("lam", 1.2),
+        ("top_p", 0.0),
+        ("lr_schedule", "step"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"PPOConfig\.{field} = "):
+        PPOConfig(**{field: value})
+
+
+def test_config_devices_must_divide_the_minibatch():
+    with pytest.raises(ValueError, match=r"PPOConfig\.num_devices = 3"):
+        PPOConfig(batch_size=8, num_minibatches=2, parallelism="pmap", num_devices=3)
+
+
+def test_config_is_frozen_with_help_texts():
+    config = PPOConfig()
+    with pytest.raises(AttributeError):
+        config.clip_eps = 0.1  # type: ignore[misc]
+    import dataclasses
+
+    assert all(f.metadata.get("help") for f in dataclasses.fields(PPOConfig))
+
+
+# ----------------------------------------------------------------------------- make_experience
+
+PROMPT_IDS = jnp.array([[0, 1], [1, 1]], jnp.int32)  # [B=2, P=2]
+PROMPT_MASK = jnp.array([[0, 1], [1, 1]], jnp.int32)
+RESPONSE_IDS = jnp.array([[1, 0, 1], [0, 1, 0]], jnp.int32)  # [B, N=3]
+RESPONSE_MASK = jnp.array([[1, 1, 1], [1, 1, 0]], jnp.float32)  # row 2 ended after 2 tokens
+SCORES = jnp.array([1.0, -0.5])
+
+
+def test_make_experience_hand_derived():
+    # V = 2. The policy is uniform: log π = −log 2 for every token. The reference has logits
+    # [log 3, 0]: π_ref(0) = 3/4, π_ref(1) = 1/4. So the k1 KL of token 0 is log(1/2) − log(3/4) =
+    # log(2/3), of token 1 log(1/2) − log(1/4) = log 2. The critic says V = 0.5 everywhere.
+    def policy_apply(ids, mask):
+        B, T = ids.shape
+        return jnp.zeros((B, T, 2)), jnp.full((B, T), 0.5)
+
+    def reference_apply(ids, mask):
+        B, T = ids.shape
+        return jnp.broadcast_to(jnp.array([math.log(3.0), 0.0]), (B, T, 2))
+
+    beta = 0.1
+    exp = jax.jit(
+        lambda *arrays: make_experience(
+            policy_apply, reference_apply, *arrays, kl_coef=beta, gamma=1.0, lam=1.0
+        )
+    )(PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK, SCORES)
+    l2, l23 = math.log(2.0), math.log(2.0 / 3.0)
+    np.testing.assert_allclose(exp.logprobs, [[-l2] * 3, [-l2, -l2, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(
+        exp.ref_logprobs,
+        [[math.log(0.25), math.log(0.75), math.log(0.25)], [math.log(0.75), math.log(0.25), 0]],
+        rtol=1e-6,
+    )
+    # rₜ = −β KLₜ, plus the score at the last valid token.
+    rewards = np.array(
+        [[-beta * l2, -beta * l23, -beta * l2 + 1.0], [-beta * l23, -beta * l2 - 0.5, 0.0]]
+    )
+    np.testing.assert_allclose(exp.rewards, rewards, rtol=1e-6, atol=1e-7)
+    # γ = λ = 1: the GAE sum telescopes, Âₜ = Σ_{l≥t} r_l − V(sₜ) and Rₜ = Σ_{l≥t} r_l.
+    rtg = np.cumsum(rewards[:, ::-1], axis=1)[:, ::-1] * np.asarray(RESPONSE_MASK)
+    np.testing.assert_allclose(exp.returns, rtg, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(exp.values, 0.5 * np.asarray(RESPONSE_MASK))
+    raw = (rtg - 0.5)[np.asarray(RESPONSE_MASK) > 0]  # the 5 valid advantages
+    whitened = (raw - raw.mean()) / math.sqrt(raw.var(ddof=1) + 1e-8)
+    np.testing.assert_allclose(exp.advantages[np.asarray(RESPONSE_MASK) > 0], whitened, rtol=1e-5)
+    assert float(exp.advantages[1, 2]) == 0.0
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_make_experience_is_the_composition_of_the_rl_functions(jit):
+    # Position-dependent random logits/values: catches an off-by-one in which positions score the
+    # response (token j is predicted by position P − 1 + j).
+    rng = np.random.default_rng(0)
+    B, P, N, V = 2, 2, 3, 5
+    logits = rng.normal(size=(B, P + N, V)).astype(np.float32)
+    ref_logits = rng.normal(size=(B, P + N, V)).astype(np.float32)
+    values = rng.normal(size=(B, P + N)).astype(np.float32)
+    response_ids = jnp.array([[4, 0, 3], [2, 1, 0]], jnp.int32)
+    tau, beta, gamma, lam = 0.7, 0.2, 0.9, 0.8
+
+    def run(prompt_ids, prompt_mask, response_ids, response_mask, scores):
+        return make_experience(
+            lambda ids, m: (jnp.asarray(logits), jnp.asarray(values)),
+            lambda ids, m: jnp.asarray(ref_logits),
+            prompt_ids,
+            prompt_mask,
+            response_ids,
+            response_mask,
+            scores,
+            kl_coef=beta,
+            kl_estimator="k3",
+            gamma=gamma,
+            lam=lam,
+            temperature=tau,
+        )
+
+    fn = jax.jit(run) if jit else run
+    exp = fn(PROMPT_IDS, PROMPT_MASK, response_ids, RESPONSE_MASK, SCORES)
+
+    mask = np.asarray(RESPONSE_MASK)
+    rows = np.arange(B)[:, None]
+    cols = P - 1 + np.arange(N)[None, :]
+    ids = np.asarray(response_ids)
+    logprobs = _log_softmax(logits / tau)[rows, cols, ids] * mask  # [B, N] (NumPy oracle)
+    ref_logprobs = _log_softmax(ref_logits / tau)[rows, cols, ids] * mask
+    old_values = values[:, P - 1 : P - 1 + N] * mask
+    rewards = rl.kl_penalized_rewards(
+        SCORES,
+        jnp.asarray(logprobs),
+        jnp.asarray(ref_logprobs),
+        RESPONSE_MASK,
+        kl_coef=beta,
+        kind="k3",
+    )
+    advantages, returns = rl.gae(
+        rewards, jnp.asarray(old_values), RESPONSE_MASK, gamma=gamma, lam=lam
+    )
+    np.testing.assert_allclose(exp.logprobs, logprobs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(exp.ref_logprobs, ref_logprobs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(exp.values, old_values, rtol=1e-6)
+    np.testing.assert_allclose(exp.rewards, rewards, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(exp.returns, returns, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        exp.advantages, rl.masked_whiten(advantages, RESPONSE_MASK), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_missing_eos_penalty_hand_values():
+    eos = 1
+    ids = jnp.array([[3, 1, 0], [3, 3, 3], [1, 0, 0], [3, 3, 0]])
+    mask = jnp.array([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], jnp.float32)
+    # Rows 0 and 2 end with EOS; rows 1 and 3 do not (row 3 has no EOS among its valid tokens).
+    out = missing_eos_penalty(
+        jnp.array([0.5, 0.5, -1.0, 2.0]), ids, mask, eos_token_id=eos, penalty=1.0
+    )
+    np.testing.assert_allclose(out, [0.5, -0.5, -1.0, 1.0])
+
+
+def test_single_device_minibatch_loss_is_rl_ppo_loss():
+    # On one device every device share is 1, so the minibatch loss is exactly rl.ppo_loss.
+    rng = np.random.default_rng(1)
+    B, P, N, V = 2, 2, 3, 5
+    logits = jnp.asarray(rng.normal(size=(B, P + N, V)), jnp.float32)
+    values = jnp.asarray(rng.normal(size=(B, P + N)), jnp.float32)
+    exp = make_experience(
+        lambda ids, m: (logits + 0.3, values - 0.2),  # "old" policy differs from the current one
+        lambda ids, m: logits,
+        PROMPT_IDS,
+        PROMPT_MASK,
+        RESPONSE_IDS,
+        RESPONSE_MASK,
+        SCORES,
+        kl_coef=0.1,
+    )
+    kwargs = {
+        "clip_eps": 0.2,
+        "value_clip_eps": 0.2,
+        "vf_coef": 0.1,
+        "ent_coef": 0.01,
+        "temperature": 1.0,
+    }
+    loss, metrics = ppo_minibatch_loss(
+        None, exp, None, apply=lambda params, ids, m: (logits, values), **kwargs
+    )
+    sl = slice(P - 1, P - 1 + N)
+    expected, parts = rl.ppo_loss(
+        rl.token_logprobs(logits[:, sl], RESPONSE_IDS),
+        exp.logprobs,
+        exp.advantages,
+        values[:, sl],
+        exp.values,
+        exp.returns,
+        RESPONSE_MASK,
+        rl.token_entropy(logits[:, sl]),
+        clip_eps=0.2,
+        value_clip_eps=0.2,
+        vf_coef=0.1,
+        ent_coef=0.01,
+    )
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss/policy_avg"], parts["policy"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss/value_avg"], parts["value"], rtol=1e-6)
+
+
+def test_prompt_batches_cover_each_shuffle_and_are_reproducible():
+    first = [prompt_batch_indices(10, 3, i, seed=4) for i in range(3)]  # 3 batches per shuffle
+    assert len(set(np.concatenate(first))) == 9  # no repeats within a shuffle
+    again = [prompt_batch_indices(10, 3, i, seed=4) for i in range(3)]
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(prompt_batch_indices(10, 3, 3, seed=4), first[0])  # new shuffle
+    with pytest.raises(ValueError, match="batch_size = 11"):
+        prompt_batch_indices(10, 11, 0, seed=0)
+
+
+# ----------------------------------------------------------------------------- models & learning
+
+
+def test_init_policy_copies_the_sft_model():
+    sft = tu.CausalLM(tu.tiny_config(), rngs=tu.nnx.Rngs(0))
+    sft_params = tu.nnx.state(sft, tu.nnx.Param)
+    shared = init_policy(sft, rngs=tu.nnx.Rngs(1))
+    separate = init_policy(sft, separate_critic=True, rngs=tu.nnx.Rngs(1))
+    assert isinstance(separate, PolicyWithCritic)
+    for policy in (shared, separate):
+        # A copy with its own Variables, not an alias of the frozen reference's.
+        assert policy.lm.model.wte.embedding is not sft.model.wte.embedding
+        chex_equal = jax.tree.map(np.array_equal, tu.nnx.state(policy.lm, tu.nnx.Param), sft_params)
+        assert all(jax.tree.leaves(chex_equal))
+    trunk = jax.tree.map(
+        np.array_equal,
+        tu.nnx.state(separate.critic.model, tu.nnx.Param),
+        tu.nnx.state(sft.model, tu.nnx.Param),
+    )
+    assert all(jax.tree.leaves(trunk))
+    assert separate.critic.model.wte.embedding is not separate.lm.model.wte.embedding
+    assert set(tu.nnx.state(separate, tu.nnx.Param).keys()) == {"lm", "critic"}
+    # The separate critic answers like an ActorCritic: (logits of the actor, values of the critic).
+    ids, mask = (jnp.asarray(a) for a in tu.tiny_prompts(num=2))
+    graphdef, state = tu.nnx.split(separate)
+
+    @jax.jit
+    def forward(state):
+        policy = tu.nnx.merge(graphdef, state)
+        return policy(ids, mask), policy.lm(ids, mask), policy.critic(ids, mask)
+
+    (logits, values), lm_logits, critic_values = forward(state)
+    np.testing.assert_array_equal(logits, lm_logits)
+    np.testing.assert_array_equal(values, critic_values)
+    assert logits.shape == (*ids.shape, tu.VOCAB) and values.shape == ids.shape
+
+
+def test_ppo_raises_the_reward():
+    history = tu.uninterrupted_run().history
+    scores = [m["objective/scores"] for m in history]
+    # Reward = fraction of TARGET tokens; a random 16-token policy starts near 1/16.
+    assert np.mean(scores[:2]) < 0.15
+    assert np.mean(scores[-3:]) > 0.4, scores
+    for m in history:
+        for name in tu.TRL_METRICS:
+            assert math.isfinite(m[name]), name
+    # Each update starts at the rollout policy: the first minibatch has ratio exactly 1.
+    assert all(0.5 < m["val/ratio"] < 1.5 for m in history)
