@@ -52,8 +52,8 @@ def matmul_flops(hidden: int, layers: int) -> dict[str, float]:
     """Analytic matmul FLOPs of one update (attention's T² terms, ~1% here, are left out).
 
     rollout: actor forward on the prompt (prefill) and on each generated token: 2·p_lm·B·(P + N);
-    reward model and reference: 2·p·B·(P + N) each; actor + critic forward for the old
-    log-probs/values: 2·(p_lm + p_trunk)·B·(P + N); training: 6·(p_lm + p_trunk)·B·(P + N).
+    reward model and reference: 2·p·B·(P + N) each; critic forward for the old values:
+    2·p_trunk·B·(P + N) (π_old comes from the sampler, as in trl); training: 6·(p_lm + p_trunk)·B·(P + N).
     """
     tokens = BATCH * (PROMPT_LEN + RESPONSE_LEN)
     p_lm = matmul_params(hidden, layers, VOCAB, lm_head=True)
@@ -62,7 +62,7 @@ def matmul_flops(hidden: int, layers: int) -> dict[str, float]:
         "rollout": 2 * p_lm * tokens,
         "reward": 2 * p_trunk * tokens,
         "reference": 2 * p_lm * tokens,
-        "policy+value forward": 2 * (p_lm + p_trunk) * tokens,
+        "value forward": 2 * p_trunk * tokens,
         "train step": 6 * (p_lm + p_trunk) * tokens,
     }
 
@@ -119,6 +119,7 @@ def bench_jaxrlhf(name: str, updates: int) -> dict:
         lr_schedule="linear",
         kl_coef=0.05,
         separate_critic=True,
+        recompute_logprobs=False,  # like trl: π_old from the sampler, no extra actor forward
     )
     rng = np.random.default_rng(0)
     prompts = rng.integers(2, VOCAB, size=(BATCH * (updates + 1), PROMPT_LEN)).astype(np.int32)

@@ -187,6 +187,44 @@ garbage = logprobs[i].at[2].set(-1e9)  # junk in the padded slot
 assert jnp.allclose(rl.trajectory_logprob(garbage, short_mask), logprobs[i, 0] + logprobs[i, 1])
 
 # %% [markdown]
+# ## The same identity for a transformer
+#
+# The table above is a stand-in. `jaxrlhf.models.CausalLM` is a real (here: tiny, random) GPT-2
+# style transformer; with a vocabulary of 3 and a fixed two-token prompt we can still list all
+# $3^3 = 27$ responses, run the whole batch through the model once, read the logits at the
+# positions that predict each response token, and check that the 27 trajectory probabilities
+# form a distribution. (For a real vocabulary of 50 000 tokens the same sum would have
+# $50\,000^T$ terms — which is why the next chapter needs sampling.)
+
+# %%
+import itertools
+
+from flax import nnx
+
+from jaxrlhf.models import CausalLM, ModelConfig
+
+lm_config = ModelConfig(
+    family="gpt2",
+    vocab_size=3,
+    hidden_size=16,
+    num_layers=1,
+    num_heads=2,
+    max_position_embeddings=8,
+)
+lm = CausalLM(lm_config, rngs=nnx.Rngs(0))
+responses = jnp.array(list(itertools.product(range(3), repeat=3)), jnp.int32)  # [27, 3]
+prompt = jnp.broadcast_to(jnp.array([2, 0], jnp.int32), (27, 2))  # [27, 2] the same prompt
+input_ids = jnp.concatenate([prompt, responses], axis=1)  # [27, 5] prompt ⧺ response
+lm_logits = lm(input_ids, jnp.ones_like(input_ids))  # [27, 5, V]
+# logits at position t predict token t+1: positions 1..3 predict the three response tokens
+lm_logprobs = rl.token_logprobs(lm_logits[:, 1:4], responses)  # [27, 3]
+p_response = jnp.exp(rl.trajectory_logprob(lm_logprobs, jnp.ones_like(lm_logprobs)))  # [27]
+print(
+    f"transformer: Σ over all 27 responses of P(response | prompt) = {float(p_response.sum()):.6f}"
+)
+assert abs(float(p_response.sum()) - 1.0) < 1e-5
+
+# %% [markdown]
 # ## The discounted return
 #
 # Each step earns a reward $r_t$. In our world a token earns +1 when it is the prompt's favourite

@@ -200,7 +200,8 @@ for lam in lams:
 sweep = {k: np.array(v) for k, v in sweep.items()}  # [λ, (bias, variance)]
 for lam, (bw, vw), (be, ve) in zip(lams, sweep["weak critic"], sweep["exact V^π"]):
     print(
-        f"λ={lam:.1f}  weak critic: bias {bw:.3f} var {vw:.3f} | exact V: bias {be:.1e} var {ve:.3f}"
+        f"λ={lam:.1f}  weak critic: bias {bw:.3f} var {vw:.3f}"
+        f" | exact V: bias {be:.1e} var {ve:.3f}"
     )
 
 # %% [markdown]

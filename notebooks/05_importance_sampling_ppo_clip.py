@@ -50,7 +50,7 @@ def token_logprobs(theta):
 
 
 def exact_kl(logp, logq):
-    """KL(p‖q) over all trajectories = E_p[log p − log q] = E_p[k1] (chapter 6 has the estimators)."""
+    """KL(p‖q) over all trajectories = E_p[log p − log q] = E_p[k1] (estimators: chapter 6)."""
     k1 = rl.kl_estimate(logp[:, None], logq[:, None], kind="k1")[:, 0]  # [N]
     return float(jnp.sum(jnp.exp(logp) * k1))
 
@@ -307,7 +307,8 @@ th_free, hist_free, frac_free = run_epochs(1e6)
 kl_clip, kl_free = exact_kl(log_P(th_clip), log_q), exact_kl(log_P(th_free), log_q)
 print(f"start J = {float(J(theta)):.3f}")
 print(
-    f"clipped  : J = {hist_clip[-1]:.3f}, KL(π‖π_old) = {kl_clip:.3f}, clip fraction {frac_clip:.2f}"
+    f"clipped  : J = {hist_clip[-1]:.3f}, KL(π‖π_old) = {kl_clip:.3f},"
+    f" clip fraction {frac_clip:.2f}"
 )
 print(f"unclipped: J = {hist_free[-1]:.3f}, KL(π‖π_old) = {kl_free:.3f}")
 assert kl_clip < 0.1 < kl_free  # the clip keeps the whole update close to π_old

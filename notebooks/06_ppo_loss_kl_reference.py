@@ -306,10 +306,15 @@ for beta in (0.0, 0.5):
 
 # %% [markdown]
 # Without the penalty the policy learns to say "thank you" — the proxy score climbs to its maximum
-# while the gold reward falls to its minimum. With $\beta = 0.5$ it improves the gold reward over
-# the reference. The KL-regularised optimum has a closed form (a classic result, e.g. in the DPO
-# paper), $\pi^\star(y) \propto \pi_{\text{ref}}(y)\, e^{r(y)/\beta}$: the reference reweighted, never
-# abandoned — the rare response can only gain the factor $e^{r/\beta}$. The optimised policy matches it.
+# while the gold reward falls to its minimum. (Early on the gold reward rises too: the policy
+# first moves towards the genuinely helpful answer, and only later does the spam take over — the
+# proxy and the gold agree until they suddenly don't.) With $\beta = 0.5$ it improves the gold
+# reward over the reference (the wiggles in its curve are Adam's momentum settling).
+#
+# The KL-regularised optimum has a closed form (a classic result, e.g. in the DPO paper),
+# $\pi^\star(y) \propto \pi_{\text{ref}}(y)\, e^{r(y)/\beta}$: the reference reweighted, never
+# abandoned — the rare response can only gain the factor $e^{r/\beta}$. The optimised policy
+# matches it.
 
 # %%
 pr0, go0, kl0 = summary(runs[0.0][0])

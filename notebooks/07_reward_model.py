@@ -108,8 +108,9 @@ print(
     " ≻ ",
     " ".join(words[t] for t in rejected[0]),
 )
+label_matches_gold = gold_value[chosen].sum(1) > gold_value[rejected].sum(1)  # [n]
 print(
-    f"labels agree with the gold ordering on {np.mean((gold_value[chosen].sum(1) > gold_value[rejected].sum(1))[test]):.1%}"
+    f"labels agree with the gold ordering on {np.mean(label_matches_gold[test]):.1%}"
     f" of test pairs; best achievable label accuracy ≈ {ceiling:.1%}"
 )
 
@@ -150,7 +151,7 @@ def scores(model, ids):
 
 
 def accuracy(model):
-    """Fraction of held-out pairs where the chosen response scores higher; and correlation with gold."""
+    """Held-out accuracy (chosen scores higher) and the correlation of scores with gold."""
     sc, sr = scores(model, jnp.asarray(chosen[test])), scores(model, jnp.asarray(rejected[test]))
     acc = float(jnp.mean(sc > sr))
     corr = np.corrcoef(np.asarray(sc), gold_value[chosen[test]].sum(1))[0, 1]

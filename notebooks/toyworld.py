@@ -104,7 +104,10 @@ def rewards(world: ToyWorld, prompts, tokens):
 
 
 def policy_logits(table, ids):
-    """The tabular LM: the logits of state sₜ are row ``ids[..., t]`` of ``table`` [S, V] → [..., T, V]."""
+    """The tabular LM: the logits of state sₜ are row ``ids[..., t]`` of ``table`` [S, V].
+
+    Returns [..., T, V] logits.
+    """
     return table[ids]
 
 

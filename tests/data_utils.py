@@ -85,3 +85,29 @@ def tiny_lm_config(vocab_size: int, **overrides) -> ModelConfig:
 
 def tiny_lm(vocab_size: int, seed: int = 0) -> CausalLM:
     return CausalLM(tiny_lm_config(vocab_size), rngs=nnx.Rngs(seed))
+
+
+SMALL_TASK = {"num_sentences": 600, "num_prompts": 64, "num_eval_prompts": 16}
+
+
+@functools.cache
+def small_task():
+    """A small demo task (seed 0): 600 sentences, 64 train and 16 eval prompts."""
+    from jaxrlhf.data import build_demo_task
+
+    return build_demo_task(0, **SMALL_TASK)
+
+
+@functools.cache
+def sft_policy():
+    """(policy, metrics, before): a tiny LM fine-tuned 60 steps on small_task()'s corpus, and its
+    corpus loss before training. Shared by the SFT and preference-collection tests."""
+    from jaxrlhf.train import SFTConfig, next_token_loss, train_sft
+
+    task = small_task()
+    ids, mask = task.corpus_batch()
+    model = tiny_lm(task.vocab_size)
+    before = float(next_token_loss(model(ids, mask), ids, mask))
+    config = SFTConfig(steps=60, batch_size=32, learning_rate=1e-2, warmup_steps=5)
+    policy, metrics = train_sft(model, ids, mask, config, progress=False)
+    return model, policy, metrics, before

@@ -8,13 +8,14 @@ import pytest
 from flax import nnx
 
 from jaxrlhf.cli import main
-from jaxrlhf.data.demo_task import sample_corpus, sample_prompts, train_tokenizer
+from jaxrlhf.data.demo_task import sample_corpus, sample_prompts
 from jaxrlhf.logging import read_metrics
 from jaxrlhf.models import CausalLM
 from jaxrlhf.models.hf import from_pretrained, save_pretrained
+from jaxrlhf.models.tokenizer import train_bpe_tokenizer
 from jaxrlhf.train.sft import tiny_model_config
 
-DATA_FLAGS = ["--data-max-prompt-length", "16", "--data-max-response-length", "8"]
+DATA_FLAGS = ["--data-max-prompt-length", "20", "--data-max-response-length", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     rng = np.random.default_rng(0)
     corpus = sample_corpus(rng, 300)
-    tokenizer = train_tokenizer(corpus, vocab_size=80)
+    tokenizer = train_bpe_tokenizer(corpus, 384)
     model = CausalLM(
         tiny_model_config(len(tokenizer), hidden_size=16, num_layers=1, max_position_embeddings=32),
         rngs=nnx.Rngs(0),
@@ -115,9 +116,9 @@ def test_demo_smoke(tmp_path):
     argv = ["demo", "--out-dir", str(tmp_path), "--quiet", "--hidden-size", "16"]
     argv += ["--num-layers", "1", "--num-sentences", "200", "--num-prompts", "16"]
     argv += ["--num-eval-prompts", "8", "--num-pairs", "24", "--eval-every", "1"]
-    argv += ["--sft-steps", "10", "--sft-warmup-steps", "1", "--sft-batch-size", "16"]
+    argv += ["--sft-steps", "80", "--sft-warmup-steps", "5", "--sft-batch-size", "32"]
     argv += ["--rm-epochs", "1", "--rm-batch-size", "8", "--rm-eval-fraction", "0.25"]
-    argv += ["--ppo-num-iterations", "2", "--ppo-batch-size", "8", "--ppo-max-new-tokens", "6"]
+    argv += ["--ppo-num-iterations", "2", "--ppo-batch-size", "8", "--ppo-max-new-tokens", "12"]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["policies"]) == {"base policy (SFT)", "PPO, β = 0.1", "PPO, β = 0"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from data_utils import tiny_lm
+from data_utils import SMALL_TASK, sft_policy, small_task, tiny_lm
 
 from jaxrlhf.data import build_demo_task, collect_preferences, tokenize_pairs
 from jaxrlhf.data.demo_task import (
@@ -17,21 +17,20 @@ from jaxrlhf.data.demo_task import (
     gold_reward,
     preference_probability,
 )
-from jaxrlhf.train import SFTConfig, train_sft
 
 
 @pytest.fixture(scope="module")
 def task():
-    return build_demo_task(0, num_sentences=600, num_prompts=64, num_eval_prompts=16)
+    return small_task()
 
 
 def test_same_seed_same_task_other_seed_other_task(task):
-    again = build_demo_task(0, num_sentences=600, num_prompts=64, num_eval_prompts=16)
+    again = build_demo_task(0, **SMALL_TASK)
     assert again.corpus == task.corpus
     assert again.prompts == task.prompts and again.eval_prompts == task.eval_prompts
     assert again.tokenizer.get_vocab() == task.tokenizer.get_vocab()
     np.testing.assert_array_equal(again.prompt_batch().input_ids, task.prompt_batch().input_ids)
-    other = build_demo_task(1, num_sentences=600, num_prompts=64, num_eval_prompts=16)
+    other = build_demo_task(1, **SMALL_TASK)
     assert other.corpus != task.corpus and other.prompts != task.prompts
     assert set(task.eval_prompts) != set(task.prompts[:16])
 
@@ -125,10 +124,8 @@ def test_preference_dataset_orders_by_label(task):
 
 
 def test_collect_preferences_from_a_policy(task):
-    # a briefly fine-tuned tiny LM: enough to end most completions with ". EOS"
-    ids, mask = task.corpus_batch()
-    config = SFTConfig(steps=60, batch_size=32, learning_rate=1e-2, warmup_steps=5)
-    policy, _ = train_sft(tiny_lm(task.vocab_size), ids, mask, config, progress=False)
+    # a briefly fine-tuned tiny LM (60 steps): enough to end most completions with ". EOS"
+    _, policy, _, _ = sft_policy()
     data, info = collect_preferences(
         task, policy, jax.random.key(0), num_pairs=10, max_new_tokens=12, batch_size=16
     )

@@ -1,4 +1,4 @@
-"""Execute every derivation notebook (notebooks/NN_*.py, jupytext percent format) and check the pairs.
+"""Execute every derivation notebook (notebooks/NN_*.py, jupytext percent) and check the pairs.
 
 Each notebook asserts its own numeric claims against jaxrlhf, so running it top to bottom *is* the
 test: a failed assert, an exception or a timeout fails the notebook's test. The kernel is the

@@ -112,8 +112,7 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_make_experience_is_the_composition_of_the_rl_functions(jit):
+def test_make_experience_is_the_composition_of_the_rl_functions():
     # Position-dependent random logits/values: catches an off-by-one in which positions score the
     # response (token j is predicted by position P − 1 + j).
     rng = np.random.default_rng(0)
@@ -140,8 +139,7 @@ def test_make_experience_is_the_composition_of_the_rl_functions(jit):
             temperature=tau,
         )
 
-    fn = jax.jit(run) if jit else run
-    exp = fn(PROMPT_IDS, PROMPT_MASK, response_ids, RESPONSE_MASK, SCORES)
+    exp = jax.jit(run)(PROMPT_IDS, PROMPT_MASK, response_ids, RESPONSE_MASK, SCORES)
 
     mask = np.asarray(RESPONSE_MASK)
     rows = np.arange(B)[:, None]
@@ -171,14 +169,41 @@ def test_make_experience_is_the_composition_of_the_rl_functions(jit):
     )
 
 
+def test_make_experience_can_reuse_the_samplers_logprobs():
+    # recompute_logprobs=False: log π_old is the rollout's, the actor's logits are not used.
+    sampler = jnp.array([[-0.5, -1.0, -2.0], [-0.25, -0.75, 123.0]])  # garbage where masked
+
+    def policy_apply(ids, mask):
+        B, T = ids.shape
+        return jnp.full((B, T, 2), jnp.nan), jnp.zeros((B, T))  # NaN logits must not leak
+
+    exp = jax.jit(
+        lambda *arrays: make_experience(
+            policy_apply,
+            lambda ids, m: jnp.zeros((*ids.shape, 2)),  # π_ref uniform: log π_ref = −log 2
+            *arrays[:-1],
+            kl_coef=1.0,
+            gamma=1.0,
+            lam=1.0,
+            rollout_logprobs=arrays[-1],
+        )
+    )(PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK, SCORES, sampler)
+    np.testing.assert_allclose(exp.logprobs, [[-0.5, -1.0, -2.0], [-0.25, -0.75, 0.0]])
+    l2 = math.log(2.0)  # rₜ = −(log π − log π_ref) + score at the end
+    want = [
+        [-(-0.5 + l2), -(-1.0 + l2), -(-2.0 + l2) + 1.0],
+        [-(-0.25 + l2), -(-0.75 + l2) - 0.5, 0],
+    ]
+    np.testing.assert_allclose(exp.rewards, want, rtol=1e-6)
+
+
 def test_missing_eos_penalty_hand_values():
     eos = 1
     ids = jnp.array([[3, 1, 0], [3, 3, 3], [1, 0, 0], [3, 3, 0]])
     mask = jnp.array([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], jnp.float32)
     # Rows 0 and 2 end with EOS; rows 1 and 3 do not (row 3 has no EOS among its valid tokens).
-    out = missing_eos_penalty(
-        jnp.array([0.5, 0.5, -1.0, 2.0]), ids, mask, eos_token_id=eos, penalty=1.0
-    )
+    penalise = jax.jit(lambda *a: missing_eos_penalty(*a, eos_token_id=eos, penalty=1.0))
+    out = penalise(jnp.array([0.5, 0.5, -1.0, 2.0]), ids, mask)
     np.testing.assert_allclose(out, [0.5, -0.5, -1.0, 1.0])
 
 
@@ -188,16 +213,14 @@ def test_single_device_minibatch_loss_is_rl_ppo_loss():
     B, P, N, V = 2, 2, 3, 5
     logits = jnp.asarray(rng.normal(size=(B, P + N, V)), jnp.float32)
     values = jnp.asarray(rng.normal(size=(B, P + N)), jnp.float32)
-    exp = make_experience(
-        lambda ids, m: (logits + 0.3, values - 0.2),  # "old" policy differs from the current one
-        lambda ids, m: logits,
-        PROMPT_IDS,
-        PROMPT_MASK,
-        RESPONSE_IDS,
-        RESPONSE_MASK,
-        SCORES,
-        kl_coef=0.1,
-    )
+    exp = jax.jit(
+        lambda *arrays: make_experience(
+            lambda ids, m: (1.5 * logits, values - 0.2),  # the "old" policy differs from the new
+            lambda ids, m: logits,
+            *arrays,
+            kl_coef=0.1,
+        )
+    )(PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK, SCORES)
     kwargs = {
         "clip_eps": 0.2,
         "value_clip_eps": 0.2,
@@ -205,27 +228,34 @@ def test_single_device_minibatch_loss_is_rl_ppo_loss():
         "ent_coef": 0.01,
         "temperature": 1.0,
     }
-    loss, metrics = ppo_minibatch_loss(
-        None, exp, None, apply=lambda params, ids, m: (logits, values), **kwargs
-    )
+    loss, metrics = jax.jit(
+        lambda exp: ppo_minibatch_loss(
+            None, exp, None, apply=lambda params, ids, m: (logits, values), **kwargs
+        )
+    )(exp)
     sl = slice(P - 1, P - 1 + N)
-    expected, parts = rl.ppo_loss(
-        rl.token_logprobs(logits[:, sl], RESPONSE_IDS),
-        exp.logprobs,
-        exp.advantages,
-        values[:, sl],
-        exp.values,
-        exp.returns,
-        RESPONSE_MASK,
-        rl.token_entropy(logits[:, sl]),
-        clip_eps=0.2,
-        value_clip_eps=0.2,
-        vf_coef=0.1,
-        ent_coef=0.01,
-    )
-    np.testing.assert_allclose(loss, expected, rtol=1e-6)
-    np.testing.assert_allclose(metrics["loss/policy_avg"], parts["policy"], rtol=1e-6)
-    np.testing.assert_allclose(metrics["loss/value_avg"], parts["value"], rtol=1e-6)
+    expected, parts = jax.jit(
+        lambda: rl.ppo_loss(
+            rl.token_logprobs(logits[:, sl], RESPONSE_IDS),
+            exp.logprobs,
+            exp.advantages,
+            values[:, sl],
+            exp.values,
+            exp.returns,
+            RESPONSE_MASK,
+            rl.token_entropy(logits[:, sl]),
+            clip_eps=0.2,
+            value_clip_eps=0.2,
+            vf_coef=0.1,
+            ent_coef=0.01,
+        )
+    )()
+    np.testing.assert_allclose(loss, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(metrics["loss/policy_avg"], parts["policy"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(metrics["loss/value_avg"], parts["value"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(metrics["policy/entropy_avg"], parts["entropy"], rtol=1e-6)
+    assert float(parts["value"]) > 0.01 and abs(float(parts["policy"])) > 1e-3  # non-trivial
+    assert float(metrics["val/ratio"]) != 1.0
 
 
 def test_prompt_batches_cover_each_shuffle_and_are_reproducible():

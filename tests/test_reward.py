@@ -23,7 +23,7 @@ from jaxrlhf.train import (
     score,
     train_reward_model,
 )
-from jaxrlhf.train.reward import reward_centering_term
+from jaxrlhf.train.reward import reward_centering_term, split_indices
 
 VOCAB = len(tokenizer())
 
@@ -155,14 +155,13 @@ def test_reward_model_learns_an_easy_preference_with_margin_and_centering():
         train_reward_model(rm, train, config, margins=np.zeros(3), progress=False)
 
 
-def test_held_out_split_sizes():
-    pairs = _easy_pairs(40, seed=2)
-    rm = reward_model_from_policy(tiny_lm(VOCAB), seed=0)
-    config = RewardConfig(epochs=1, batch_size=8, eval_fraction=0.25)
-    _, metrics = train_reward_model(rm, pairs, config, progress=False)
-    assert metrics["num_train_pairs"] == 30 and metrics["num_eval_pairs"] == 10
-    assert len(metrics["loss"]) == 3  # 30 // 8 full batches
-    assert 0.0 <= metrics["eval_accuracy"][0] <= 1.0
+def test_held_out_split_is_a_seeded_partition():
+    train, held_out = split_indices(40, 0.25, seed=2)
+    assert len(train) == 30 and len(held_out) == 10
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, held_out])), np.arange(40))
+    again = split_indices(40, 0.25, seed=2)
+    np.testing.assert_array_equal(again[1], held_out)
+    assert not np.array_equal(split_indices(40, 0.25, seed=3)[1], held_out)
 
 
 def test_pair_padding_does_not_change_the_score():

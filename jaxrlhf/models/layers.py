@@ -188,46 +188,50 @@ def apply_rope(x, cos, sin):
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of every layer for a preallocated window of S slots (used by generate)."""
+    """Keys and values of every layer for a preallocated window of S slots (used by generate).
 
-    keys: tuple  # L × [B, S, K, d]
-    values: tuple  # L × [B, S, K, d]
+    Heads come before slots ([B, K, S, d]) so that attention over the cache is a plain batched
+    matrix product: no per-step transpose (copy) of the whole cache.
+    """
+
+    keys: tuple  # L × [B, K, S, d]
+    values: tuple  # L × [B, K, S, d]
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, length: int) -> KVCache:
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, length, config.head_dim)
         dtype = jnp_dtype(config)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(keys=zeros, values=zeros)
 
 
 def write_cache(cache_kv, new, cache_index):
-    """Write new keys (or values) [B, T, K, d] into the cache [B, S, K, d] at slots cache_index…+T."""
+    """Write new keys (or values) [B, K, T, d] into the cache [B, K, S, d] at slots cache_index…+T."""
     return jax.lax.dynamic_update_slice(
-        cache_kv, new.astype(cache_kv.dtype), (0, cache_index, 0, 0)
+        cache_kv, new.astype(cache_kv.dtype), (0, 0, cache_index, 0)
     )
 
 
 def attention(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_rng=None):
     """Scaled dot-product attention with grouped-query heads (Vaswani et al. 2017; Ainslie et al. 2023).
 
-    softmax(q kᵀ / √d + mask) v, where each of the K key/value heads serves H/K query heads.
+    softmax(q kᵀ / √d + mask) v, where each of the K key/value heads serves G = H/K query heads.
     Scores and softmax are in float32; masked scores get the most negative float, so a row with no
     visible key (a padding query) gives finite, ignored output instead of NaN.
     Args:
-      q: [B, T, H, d] queries; k, v: [B, S, K, d] keys/values; mask: [B, T, S] bool.
+      q: [B, T, H, d] queries; k, v: [B, K, S, d] keys/values; mask: [B, T, S] bool.
     Returns: [B, T, H·d].
     """
     B, T, H, d = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, H // K, d)  # [B, T, K, G, d]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    K = k.shape[1]
+    q = q.reshape(B, T, K, H // K, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, d]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(d)  # [B, K, G, T, S]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, S]
     probs = dropout(probs, dropout_rate, dropout_rng)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)  # [B, T, K, G, d]
-    return out.reshape(B, T, H * d)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v)  # [B, K, G, T, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * d)
 
 
 def attend_with_cache(
@@ -235,10 +239,11 @@ def attend_with_cache(
 ):
     """Attention over the new keys alone (layer_cache None) or over the cache after writing them in.
 
-    Returns (output [B, T, H·d], new layer cache (keys, values) or None).
+    q: [B, T, H, d]; k, v: [B, T, K, d]. Returns (output [B, T, H·d], new layer cache or None).
     """
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, d]
     if layer_cache is not None:
-        k = write_cache(layer_cache[0], k, cache_index)  # [B, S, K, d]
+        k = write_cache(layer_cache[0], k, cache_index)  # [B, K, S, d]
         v = write_cache(layer_cache[1], v, cache_index)
         layer_cache = (k, v)
     out = attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)

@@ -14,9 +14,11 @@ The sampling temperature τ is applied everywhere a log-probability is taken: π
 softmax(logits / τ), in the rollout, for the reference, and in the loss (as trl does), so the ratio
 and the KL compare the distribution that actually sampled the tokens.
 
-Log-probs of the rollout are *recomputed* with a full forward pass of the actor (not taken from the
-KV-cached decode): the same forward as the train step, so the first ratio of every update is exactly 1
-and the clip fraction starts at 0 (trl does the same).
+By default the log-probs of the rollout are *recomputed* with a full forward pass of the actor (not
+taken from the KV-cached decode): the same forward as the train step, so the first ratio of every
+update is exactly 1. With a shared trunk that pass is needed for the values anyway; with a separate
+critic ``recompute_logprobs=False`` reuses the sampler's log-probs instead (as trl does), which saves
+one actor forward per iteration at the price of float-rounding differences between the two.
 """
 
 from __future__ import annotations
@@ -85,6 +87,11 @@ class PPOConfig:
     kl_target: float = option(6.0, "Adaptive KL: target KL per sequence.")
     kl_horizon: float = option(10000.0, "Adaptive KL: horizon in samples.")
     whiten_rewards: bool = option(False, "Whiten the per-token rewards before GAE.")
+    recompute_logprobs: bool = option(
+        True,
+        "Recompute log π_old by a full forward (first ratio exactly 1); False reuses the "
+        "sampler's (as trl does; saves an actor forward with a separate critic).",
+    )
     missing_eos_penalty: float | None = option(
         None, "Subtracted from the score of a response without EOS (None: off)."
     )
@@ -309,6 +316,7 @@ def make_experience(
     lam: float = 0.95,
     temperature: float = 1.0,
     whiten_rewards: bool = False,
+    rollout_logprobs=None,
 ) -> Experience:
     """Score a rollout batch: log-probs, reference log-probs, values, KL-penalised rewards, GAE.
 
@@ -323,6 +331,8 @@ def make_experience(
       response_ids, response_mask: [B, N] the rollout.  scores: [B] (after any EOS penalty).
       kl_coef: β.  kl_estimator: "k1" | "k3".  gamma, lam: GAE.  temperature: τ.
       whiten_rewards: whiten the rewards (mean kept) before GAE.
+      rollout_logprobs: [B, N] log π_old from the sampler; when given they are used instead of
+        recomputing them (the actor's logits are then unused and XLA drops that computation).
     Returns:
       Experience.
     """
@@ -337,7 +347,11 @@ def make_experience(
     logits, values = policy_apply(input_ids, attention_mask)  # [B, T, V], [B, T]
     logits = response_slice(logits, P, N)  # [B, N, V]
     values = _zero_masked(response_slice(values, P, N), mask)  # [B, N]
-    logprobs = rl.token_logprobs(logits, response_ids, temperature=temperature)  # [B, N]
+    if rollout_logprobs is None:
+        logprobs = rl.token_logprobs(logits, response_ids, temperature=temperature)  # [B, N]
+    else:
+        chex.assert_equal_shape([rollout_logprobs, response_ids])
+        logprobs = rollout_logprobs.astype(jnp.float32)  # [B, N]
     ref_logits = response_slice(reference_apply(input_ids, attention_mask), P, N)  # [B, N, V]
     ref_logprobs = rl.token_logprobs(ref_logits, response_ids, temperature=temperature)  # [B, N]
     logprobs = _zero_masked(logprobs, mask)
@@ -692,6 +706,7 @@ class PPOPrograms:
             lam=c.lam,
             temperature=c.temperature,
             whiten_rewards=c.whiten_rewards,
+            rollout_logprobs=None if c.recompute_logprobs else rollout.logprobs,
         )
         metrics = experience_metrics(
             exp, kl_coef=kl_coef, kl_estimator=c.kl_estimator, eos_token_id=self.eos_token_id
