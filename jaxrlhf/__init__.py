@@ -1,8 +1,37 @@
-"""jaxrlhf: RLHF with PPO in JAX/Flax — the derivation you can step through, the trainer you can run."""
+"""jaxrlhf: RLHF with PPO in JAX/Flax — the derivation you can step through, the trainer you can run.
 
+    jaxrlhf.gae, jaxrlhf.ppo_loss, …      the seed's math (jaxrlhf.rl), pure functions on arrays
+    jaxrlhf.from_pretrained / save_pretrained   Hugging Face safetensors checkpoints in and out
+    jaxrlhf.generate                       jitted prefill + KV-cache decode → Rollout
+    jaxrlhf.train, jaxrlhf.data            trainers (SFT, reward model, PPO) and datasets
+"""
+
+from jaxrlhf.models import (
+    ActorCritic,
+    CausalLM,
+    ModelConfig,
+    RewardModel,
+    ValueModel,
+    from_pretrained,
+    save_pretrained,
+    train_bpe_tokenizer,
+)
 from jaxrlhf.rl import *  # noqa: F401,F403  (the seed's math; see jaxrlhf/rl/__init__.py)
 from jaxrlhf.rl import __all__ as _rl_all
+from jaxrlhf.rollout import Rollout, generate
 
 __version__ = "0.1.0"
 
-__all__ = [*_rl_all]
+__all__ = [
+    *_rl_all,
+    "ActorCritic",
+    "CausalLM",
+    "ModelConfig",
+    "RewardModel",
+    "Rollout",
+    "ValueModel",
+    "from_pretrained",
+    "generate",
+    "save_pretrained",
+    "train_bpe_tokenizer",
+]
