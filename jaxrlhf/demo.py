@@ -86,24 +86,16 @@ DEMO_PPO = PPOConfig(
 )
 
 
-def evaluate(
-    task: DemoTask,
-    actor: CausalLM,
-    reward_fn: Callable,
-    rng,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-) -> dict:
+def evaluate(task: DemoTask, actor: CausalLM, reward_fn: Callable, rng, config: PPOConfig) -> dict:
     """Sample one completion per held-out prompt; gold reward, learned reward, EOS rate, texts."""
     batch = task.prompt_batch(task.eval_prompts)
     rollout = generate(
         actor,
         batch.input_ids,
         batch.attention_mask,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=config.max_new_tokens,
         rng=rng,
-        temperature=temperature,
+        temperature=config.temperature,
         eos_token_id=task.eos_token_id,
         pad_token_id=task.pad_token_id,
     )
@@ -129,8 +121,11 @@ def run_ppo(
     demo: DemoConfig,
     *,
     progress: bool,
-) -> tuple[PPOTrainer, list[dict]]:
-    """PPO from the base policy against ``reward_fn``; gold reward measured every ``eval_every``."""
+) -> tuple[PPOTrainer, list[dict], dict]:
+    """PPO from the base policy against ``reward_fn``; gold reward measured every ``eval_every``.
+
+    Returns the trainer, the metric records and the evaluation after the last iteration.
+    """
     policy = init_policy(base, rngs=nnx.Rngs(demo.seed + 1))
     prompts = task.prompt_batch()
     trainer = PPOTrainer(
@@ -144,6 +139,7 @@ def run_ppo(
         pad_token_id=task.pad_token_id,
     )
     records: list[dict] = []
+    final: dict = {}
     eval_key = jax.random.PRNGKey(demo.seed + 2)
     os.makedirs(demo.out_dir, exist_ok=True)
     with MetricsLogger(os.path.join(demo.out_dir, f"metrics_{name}.jsonl")) as log:
@@ -151,20 +147,14 @@ def run_ppo(
         def callback(iteration: int, metrics: dict) -> None:
             record = dict(metrics)
             if iteration % demo.eval_every == 0 or iteration == config.num_iterations:
-                ev = evaluate(
-                    task,
-                    trainer.actor(),
-                    reward_fn,
-                    eval_key,
-                    max_new_tokens=config.max_new_tokens,
-                    temperature=config.temperature,
-                )
+                ev = evaluate(task, trainer.actor(), reward_fn, eval_key, config)
+                final.update(ev)
                 record.update({"gold/score": ev["gold"], "eval/learned_score": ev["learned"]})
             log.log(iteration, record)
             records.append({"step": iteration, **record})
 
         trainer.train(callback=callback, progress=progress)
-    return trainer, records
+    return trainer, records, final
 
 
 def run_demo(
@@ -181,12 +171,10 @@ def run_demo(
     Returns the summary (also written as ``summary.json``).
     """
     start = time.perf_counter()
-    timings = {}
     os.makedirs(demo.out_dir, exist_ok=True)
 
     def stage(label: str):
-        timings[label] = time.perf_counter()
-        echo(f"[demo] {label} …")
+        echo(f"[demo] {time.perf_counter() - start:5.0f} s  {label} …")
 
     stage("building the task (corpus, tokenizer, prompts)")
     task = build_demo_task(
@@ -241,46 +229,21 @@ def run_demo(
     reward_fn = reward_model_fn(reward_model)
 
     stage("evaluating the base policy")
-    before = evaluate(
-        task,
-        base,
-        reward_fn,
-        eval_key,
-        max_new_tokens=ppo.max_new_tokens,
-        temperature=ppo.temperature,
-    )
+    before = evaluate(task, base, reward_fn, eval_key, ppo)
 
-    stage(f"PPO with the KL penalty (β = {ppo.kl_coef})")
-    trainer, kl_records = run_ppo("kl", task, base, reward_fn, ppo, demo, progress=progress)
-    after_kl = evaluate(
-        task,
-        trainer.actor(),
-        reward_fn,
-        eval_key,
-        max_new_tokens=ppo.max_new_tokens,
-        temperature=ppo.temperature,
-    )
-    runs = {f"PPO, β = {ppo.kl_coef}": kl_records}
-    results = {"base policy (SFT)": before, f"PPO, β = {ppo.kl_coef}": after_kl}
-    final_kl = {f"PPO, β = {ppo.kl_coef}": kl_records[-1]["objective/kl"]}
-
+    settings = [("kl", ppo, f"PPO, β = {ppo.kl_coef}")]
     if demo.run_without_kl:
         no_kl = dataclasses.replace(ppo, kl_coef=0.0, adaptive_kl=False)
-        stage("PPO without the KL penalty (β = 0): reward hacking")
-        trainer_no_kl, no_kl_records = run_ppo(
-            "no_kl", task, base, reward_fn, no_kl, demo, progress=progress
+        settings.append(("no_kl", no_kl, "PPO, β = 0"))
+    results, runs, final_kl = {"base policy (SFT)": before}, {}, {}
+    trainer = None
+    for name, config, label in settings:
+        stage(label + (" (reward hacking)" if config.kl_coef == 0 else " with the KL penalty"))
+        run_trainer, records, results[label] = run_ppo(
+            name, task, base, reward_fn, config, demo, progress=progress
         )
-        after_no_kl = evaluate(
-            task,
-            trainer_no_kl.actor(),
-            reward_fn,
-            eval_key,
-            max_new_tokens=ppo.max_new_tokens,
-            temperature=ppo.temperature,
-        )
-        runs["PPO, β = 0"] = no_kl_records
-        results["PPO, β = 0"] = after_no_kl
-        final_kl["PPO, β = 0"] = no_kl_records[-1]["objective/kl"]
+        runs[label], final_kl[label] = records, records[-1]["objective/kl"]
+        trainer = trainer or run_trainer  # the exported policy is the KL-penalised one
 
     if demo.save_models:
         from jaxrlhf.models.hf import save_pretrained
