@@ -15,8 +15,11 @@ pass — over the 32-token sequences (see :func:`matmul_flops`), and compares th
 float32 ``jnp.matmul`` throughput measured on this machine.
 
 trl runs from the same virtualenv (``pip install trl==1.12.0`` was checked with ``--dry-run`` not to
-change jax/flax/transformers/torch; it only adds trl and accelerate). Its PPOTrainer needs a tokenizer
-and a dataset: both are built here, offline (a word-level ``tokenizers`` vocabulary of 1024 tokens).
+change jax/flax/transformers/torch; it only adds trl and accelerate), but in a *fresh subprocess*
+(``--trl-only``): after JAX has run in a process, torch's CPU kernels in that same process were 5–10×
+slower on this 2-core machine (174k: 0.9 s → 6.2 s per update), which would flatter us. Its
+PPOTrainer needs a tokenizer and a dataset: both are built here, offline (a word-level
+``tokenizers`` vocabulary of 1024 tokens).
 """
 
 from __future__ import annotations
@@ -268,6 +271,19 @@ def bench_trl(name: str, updates: int) -> dict:
     }
 
 
+def run_trl_subprocess(name: str, updates: int) -> dict:
+    """bench_trl in a fresh interpreter (no JAX in the process), returning its result dict."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "trl.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--trl-only", name]
+        cmd += ["--updates", str(updates), "--json", out]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            return json.load(f)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -277,8 +293,14 @@ def main(argv=None) -> int:
     parser.add_argument("--updates", type=int, default=5, help="timed updates after the first")
     parser.add_argument("--skip-trl", action="store_true", help="time jaxrlhf only")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--trl-only", default=None, help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.trl_only:
+        result = bench_trl(args.trl_only, args.updates)
+        with open(args.json, "w") as f:
+            json.dump(result, f)
+        return 0
 
     import jax
 
@@ -298,7 +320,7 @@ def main(argv=None) -> int:
             flush=True,
         )
         if not args.skip_trl:
-            theirs = bench_trl(name, args.updates)
+            theirs = run_trl_subprocess(name, args.updates)
             row["trl"] = theirs
             row["speedup"] = theirs["update_s"] / ours["update_s"]
             print(
