@@ -758,6 +758,7 @@ def programs_for(
         checkpoint_dir=None,
         checkpoint_every=0,
         keep_checkpoints=2,
+        kl_coef=0.0,  # β is traced (PPOState.kl), so runs that differ only in β share programs
     )
     key = (graphdef, ref_graphdef, key_config, eos_token_id, pad_token_id)
     shareable = not jax.tree.leaves(rest)
