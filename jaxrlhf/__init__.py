@@ -1,9 +1,9 @@
 """jaxrlhf: RLHF with PPO in JAX/Flax — the derivation you can step through, the trainer you can run.
 
-    jaxrlhf.gae, jaxrlhf.ppo_loss, …      the seed's math (jaxrlhf.rl), pure functions on arrays
-    jaxrlhf.from_pretrained / save_pretrained   Hugging Face safetensors checkpoints in and out
-    jaxrlhf.generate                       jitted prefill + KV-cache decode → Rollout
-    jaxrlhf.train, jaxrlhf.data            trainers (SFT, reward model, PPO) and datasets
+jaxrlhf.gae, jaxrlhf.ppo_loss, …      the seed's math (jaxrlhf.rl), pure functions on arrays
+jaxrlhf.from_pretrained / save_pretrained   Hugging Face safetensors checkpoints in and out
+jaxrlhf.generate                       jitted prefill + KV-cache decode → Rollout
+jaxrlhf.train, jaxrlhf.data            trainers (SFT, reward model, PPO) and datasets
 """
 
 from jaxrlhf.models import (
@@ -16,13 +16,13 @@ from jaxrlhf.models import (
     save_pretrained,
     train_bpe_tokenizer,
 )
-from jaxrlhf.rl import *  # noqa: F401,F403  (the seed's math; see jaxrlhf/rl/__init__.py)
+from jaxrlhf.rl import *  # (the seed's math; see jaxrlhf/rl/__init__.py)
 from jaxrlhf.rl import __all__ as _rl_all
 from jaxrlhf.rollout import Rollout, generate
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: PLE0604 (the rl names are strings too)
     *_rl_all,
     "ActorCritic",
     "CausalLM",

@@ -63,7 +63,7 @@ def add_config_arguments(
             default = getattr(defaults, field.name)
         required = default is dataclasses.MISSING
         tp, optional = _unwrap_optional(hints[field.name])
-        kwargs: dict[str, Any] = dict(dest=dest, help=f"{help_text} (default: {default})")
+        kwargs: dict[str, Any] = {"dest": dest, "help": f"{help_text} (default: {default})"}
         if required:
             kwargs.update(required=True, help=help_text)
         else:

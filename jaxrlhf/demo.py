@@ -86,10 +86,9 @@ DEMO_PPO = PPOConfig(
 )
 
 
-def evaluate(task: DemoTask, actor: CausalLM, reward_fn: Callable, rng, config: PPOConfig) -> dict:
-    """Sample one completion per held-out prompt; gold reward, learned reward, EOS rate, texts."""
-    batch = task.prompt_batch(task.eval_prompts)
-    rollout = generate(
+def sample(task: DemoTask, actor: CausalLM, batch, rng, config: PPOConfig):
+    """One completion per prompt of ``batch``, sampled as PPO samples (length, temperature)."""
+    return generate(
         actor,
         batch.input_ids,
         batch.attention_mask,
@@ -99,6 +98,12 @@ def evaluate(task: DemoTask, actor: CausalLM, reward_fn: Callable, rng, config: 
         eos_token_id=task.eos_token_id,
         pad_token_id=task.pad_token_id,
     )
+
+
+def evaluate(task: DemoTask, actor: CausalLM, reward_fn: Callable, rng, config: PPOConfig) -> dict:
+    """Sample one completion per held-out prompt; gold reward, learned reward, EOS rate, texts."""
+    batch = task.prompt_batch(task.eval_prompts)
+    rollout = sample(task, actor, batch, rng, config)
     tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
     texts = task.decode(tokens, mask)
     finished = task.finished(tokens, mask)
@@ -212,17 +217,7 @@ def run_demo(
     reward_model = reward_model_from_policy(base, seed=demo.seed)
     reward_model, rm_metrics = train_reward_model(reward_model, pairs, reward, progress=progress)
     prompts = task.prompt_batch()
-    base_rollout_key = jax.random.fold_in(key, 7)
-    rollout = generate(
-        base,
-        prompts.input_ids,
-        prompts.attention_mask,
-        max_new_tokens=ppo.max_new_tokens,
-        rng=base_rollout_key,
-        temperature=ppo.temperature,
-        eos_token_id=task.eos_token_id,
-        pad_token_id=task.pad_token_id,
-    )
+    rollout = sample(task, base, prompts, jax.random.fold_in(key, 7), ppo)
     seq_ids = np.concatenate([prompts.input_ids, np.asarray(rollout.tokens)], axis=1)
     seq_mask = np.concatenate([prompts.attention_mask, np.asarray(rollout.mask)], axis=1)
     reward_model, norm_stats = normalize_reward_model(reward_model, seq_ids, seq_mask)

@@ -26,7 +26,7 @@ class MetricsLogger:
     def __init__(self, path: str | os.PathLike, *, tensorboard_dir: str | None = None):
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
         self._tb = None
         if tensorboard_dir is not None:
             try:

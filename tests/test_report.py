@@ -38,6 +38,6 @@ def test_report_writes_markdown_and_plots(tmp_path):
     path = write_report(
         str(tmp_path / "report.md"), title="T", sections=[("Numbers", table)], plots=plots
     )
-    text = open(path).read()
+    text = open(path, encoding="utf-8").read()  # noqa: SIM115
     assert text.startswith("# T\n") and "## Numbers" in text
     assert "](plots/kl.png)" in text and os.path.exists(tmp_path / "plots" / "kl.png")
