@@ -96,8 +96,8 @@ def bench_jaxrlhf(name: str, updates: int) -> dict:
     import numpy as np
     from flax import nnx
 
-    from jaxrlhf.models import CausalLM, ModelConfig, RewardModel
-    from jaxrlhf.train.ppo import PPOConfig, PPOTrainer, count_params, init_policy, reward_model_fn
+    from jaxrlhf.models import CausalLM, ModelConfig, RewardModel, num_params
+    from jaxrlhf.train.ppo import PPOConfig, PPOTrainer, init_policy, reward_model_fn
 
     hidden, layers, heads = SIZES[name]
     model_config = ModelConfig(
@@ -148,7 +148,7 @@ def bench_jaxrlhf(name: str, updates: int) -> dict:
         times.append(time.perf_counter() - start)
     del jnp
     return {
-        "params": count_params(sft),
+        "params": num_params(sft),
         "first_s": first,
         "update_s": float(np.mean(times)),
         "update_min_s": float(np.min(times)),

@@ -41,7 +41,7 @@ import optax
 from flax import nnx
 
 from jaxrlhf import rl
-from jaxrlhf.models import CausalLM, ModelConfig, RewardModel
+from jaxrlhf.models import CausalLM, ModelConfig, RewardModel, num_params
 from jaxrlhf.rollout import generate
 from jaxrlhf.train import ppo
 from jaxrlhf.train.parallel import init_train_state, train_step
@@ -65,7 +65,7 @@ sft = CausalLM(config, rngs=nnx.Rngs(0))  # stands in for the supervised fine-tu
 reference = ppo.copy_module(sft)  # frozen copy: π_ref
 policy = ppo.init_policy(sft, rngs=nnx.Rngs(1))  # ActorCritic: the SFT weights + a fresh value head
 reward_model = RewardModel(config, rngs=nnx.Rngs(2))  # untrained here; chapter 7 trains one
-print(type(policy).__name__, "with", ppo.count_params(policy), "parameters")
+print(type(policy).__name__, "with", num_params(policy), "parameters")
 
 # %% [markdown]
 # ## Stage 1 — rollout

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -960,11 +959,3 @@ class PPOTrainer:
     def actor(self) -> CausalLM:
         """The current actor (the CausalLM inside the policy), e.g. for save_pretrained."""
         return generation_model(self.policy())
-
-
-def count_params(module_or_state) -> int:
-    """Number of scalars in the nnx.Param leaves of a module or state."""
-    state = module_or_state
-    if isinstance(module_or_state, nnx.Module):
-        state = nnx.state(module_or_state, nnx.Param)
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))
