@@ -174,19 +174,11 @@ def offline_tokenizer(directory: str):
     return fast
 
 
-def bench_trl(name: str, updates: int) -> dict:
-    import numpy as np
+def trl_models(name: str) -> dict:
+    """trl's four GPT-2 models of one size, keyed by PPOTrainer's argument names: the policy, a
+    frozen copy of it as reference, a reward model and a value model."""
     import torch
-    from datasets import Dataset
-    from transformers import (
-        GPT2Config,
-        GPT2ForSequenceClassification,
-        GPT2LMHeadModel,
-        TrainerCallback,
-    )
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     torch.manual_seed(0)
     hidden, layers, heads = SIZES[name]
@@ -205,12 +197,56 @@ def bench_trl(name: str, updates: int) -> dict:
         num_labels=1,
     )
     policy = GPT2LMHeadModel(hf_config)
-    reference = copy.deepcopy(policy)  # the frozen SFT model, as on our side
-    reward_model = GPT2ForSequenceClassification(hf_config)
-    value_model = GPT2ForSequenceClassification(hf_config)
+    return {
+        "model": policy,
+        "ref_model": copy.deepcopy(policy),  # the frozen SFT model, as on our side
+        "reward_model": GPT2ForSequenceClassification(hf_config),
+        "value_model": GPT2ForSequenceClassification(hf_config),
+    }
+
+
+def trl_dataset(updates: int):
+    """BATCH · (updates + 1) random prompts of PROMPT_LEN token ids (never pad or eos)."""
+    import numpy as np
+    from datasets import Dataset
+
     rng = np.random.default_rng(0)
     prompts = rng.integers(2, VOCAB, size=(BATCH * (updates + 1), PROMPT_LEN)).tolist()
-    dataset = Dataset.from_dict({"input_ids": prompts})
+    return Dataset.from_dict({"input_ids": prompts})
+
+
+def trl_ppo_config(output_dir: str, updates: int):
+    """trl's PPOConfig for the same work as ours: updates + 1 iterations, 1 epoch of 1 minibatch."""
+    from trl.experimental.ppo import PPOConfig
+
+    return PPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        num_ppo_epochs=1,
+        local_rollout_forward_batch_size=BATCH,
+        response_length=RESPONSE_LEN,
+        total_episodes=BATCH * (updates + 1),
+        temperature=1.0,
+        learning_rate=3e-6,
+        kl_coef=0.05,
+        stop_token="eos",
+        num_sample_generations=0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=0,
+    )
+
+
+def trl_clock():
+    """A TrainerCallback that records perf_counter() at train begin and at the end of every update."""
+    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -222,39 +258,26 @@ def bench_trl(name: str, updates: int) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.append(time.perf_counter())
 
-    clock = Clock()
+    return Clock()
+
+
+def bench_trl(name: str, updates: int) -> dict:
+    """Seconds per update of trl's PPOTrainer: updates + 1 updates, the first reported apart."""
+    import numpy as np
+    import torch
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.ppo import PPOTrainer
+
+    models = trl_models(name)
+    dataset = trl_dataset(updates)
+    clock = trl_clock()
     with tempfile.TemporaryDirectory() as out:
         tokenizer = offline_tokenizer(os.path.join(out, "tokenizer"))
-        args = PPOConfig(
-            output_dir=out,
-            per_device_train_batch_size=BATCH,
-            gradient_accumulation_steps=1,
-            num_mini_batches=1,
-            num_ppo_epochs=1,
-            local_rollout_forward_batch_size=BATCH,
-            response_length=RESPONSE_LEN,
-            total_episodes=BATCH * (updates + 1),
-            temperature=1.0,
-            learning_rate=3e-6,
-            kl_coef=0.05,
-            stop_token="eos",
-            num_sample_generations=0,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10**6,
-            disable_tqdm=True,
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            seed=0,
-        )
         trainer = PPOTrainer(
-            args=args,
+            args=trl_ppo_config(out, updates),
             processing_class=tokenizer,
-            model=policy,
-            ref_model=reference,
-            reward_model=reward_model,
-            value_model=value_model,
+            **models,
             train_dataset=dataset,
             eval_dataset=dataset,
             callbacks=[clock],
@@ -262,7 +285,7 @@ def bench_trl(name: str, updates: int) -> dict:
         trainer.train()
     marks = np.diff(clock.marks)
     return {
-        "params": sum(p.numel() for p in policy.parameters()),
+        "params": sum(p.numel() for p in models["model"].parameters()),
         "first_s": float(marks[0]),
         "update_s": float(np.mean(marks[1:])),
         "update_min_s": float(np.min(marks[1:])),

@@ -2,7 +2,8 @@
 
 jaxrlhf.gae, jaxrlhf.ppo_loss, …      the seed's math (jaxrlhf.rl), pure functions on arrays
 jaxrlhf.from_pretrained / save_pretrained   Hugging Face safetensors checkpoints in and out
-jaxrlhf.generate                       jitted prefill + KV-cache decode → Rollout
+jaxrlhf.sample(model, …, SamplingConfig(…), rng)   jitted prefill + KV-cache decode → Rollout
+jaxrlhf.score_sequences                a reward model's score of prompt ⧺ response
 jaxrlhf.train, jaxrlhf.data            trainers (SFT, reward model, PPO) and datasets
 """
 
@@ -18,7 +19,7 @@ from jaxrlhf.models import (
 )
 from jaxrlhf.rl import *  # (the seed's math; see jaxrlhf/rl/__init__.py)
 from jaxrlhf.rl import __all__ as _rl_all
-from jaxrlhf.rollout import Rollout, generate
+from jaxrlhf.rollout import Rollout, SamplingConfig, generate, sample, score_sequences
 
 __version__ = "0.1.0"
 
@@ -29,9 +30,12 @@ __all__ = [  # noqa: PLE0604 (the rl names are strings too)
     "ModelConfig",
     "RewardModel",
     "Rollout",
+    "SamplingConfig",
     "ValueModel",
     "from_pretrained",
     "generate",
+    "sample",
     "save_pretrained",
+    "score_sequences",
     "train_bpe_tokenizer",
 ]

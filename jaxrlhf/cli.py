@@ -42,15 +42,6 @@ def _load_tokenizer(path: str):
     return tokenizer
 
 
-def _sequences(prompt_batch, rollout):
-    """prompt ⧺ response ids and masks [B, P + N] (numpy)."""
-    import numpy as np
-
-    ids = np.concatenate([prompt_batch.input_ids, np.asarray(rollout.tokens)], axis=1)
-    mask = np.concatenate([prompt_batch.attention_mask, np.asarray(rollout.mask)], axis=1)
-    return ids, mask
-
-
 # ------------------------------------------------------------------------------------- demo
 
 
@@ -86,7 +77,7 @@ def cmd_train_rm(args) -> int:
     from jaxrlhf.logging import MetricsLogger
     from jaxrlhf.models.hf import from_pretrained, save_pretrained
     from jaxrlhf.report import write_report
-    from jaxrlhf.rollout import generate
+    from jaxrlhf.rollout import SamplingConfig, sample, sequences
     from jaxrlhf.train.reward import (
         RewardConfig,
         normalize_reward_model,
@@ -113,16 +104,17 @@ def cmd_train_rm(args) -> int:
     if args.normalize:
         # Mean 0, std 1 over the policy's own samples on the dataset's prompts.
         prompts = tokenize_prompts(data, tokenizer, data_config, source=args.data)
-        rollout = generate(
+        rollout = sample(
             policy,
             prompts.input_ids,
             prompts.attention_mask,
-            max_new_tokens=data_config.max_response_length,
-            rng=jax.random.PRNGKey(config.seed),
+            SamplingConfig(max_new_tokens=data_config.max_response_length),
+            jax.random.PRNGKey(config.seed),
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        reward_model, stats = normalize_reward_model(reward_model, *_sequences(prompts, rollout))
+        seq_ids, seq_mask = sequences(prompts.input_ids, prompts.attention_mask, rollout)
+        reward_model, stats = normalize_reward_model(reward_model, seq_ids, seq_mask)
         summary.update(stats)
     save_pretrained(reward_model, os.path.join(args.out, "reward_model"), tokenizer=tokenizer)
     write_report(
@@ -138,55 +130,76 @@ def cmd_train_rm(args) -> int:
 
 
 def cmd_ppo(args) -> int:
-    from flax import nnx
-
     from jaxrlhf.data.preference import DataConfig, load_prompt_dataset, tokenize_prompts
-    from jaxrlhf.logging import MetricsLogger, read_metrics
+    from jaxrlhf.logging import MetricsLogger
     from jaxrlhf.models.hf import from_pretrained, save_pretrained
-    from jaxrlhf.report import plot_curves, write_report
-    from jaxrlhf.train.ppo import PPOConfig, PPOTrainer, init_policy, reward_model_fn
+    from jaxrlhf.train.ppo import PPOConfig, PPOTrainer
 
     config, data_config = _get(args, PPOConfig), _get(args, DataConfig)
-    checkpoints = os.path.join(args.out, "checkpoints")
-    config = dataclasses.replace(config, checkpoint_dir=config.checkpoint_dir or checkpoints)
+    checkpoints = config.checkpoint_dir or os.path.join(args.out, "checkpoints")
+    config = dataclasses.replace(config, checkpoint_dir=checkpoints)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    _check_fresh_run(args.resume, checkpoints)
     tokenizer = _load_tokenizer(args.policy)
     prompts = tokenize_prompts(
         load_prompt_dataset(args.prompts), tokenizer, data_config, source=args.prompts
     )
-    reference = from_pretrained(args.policy)
-    reward_model = from_pretrained(args.reward_model, head="reward")
-    policy = init_policy(
-        reference, separate_critic=config.separate_critic, rngs=nnx.Rngs(config.seed)
-    )
-    trainer = PPOTrainer(
+    trainer = PPOTrainer.from_sft(
         config,
-        policy,
-        reference,
-        reward_model_fn(reward_model),
+        from_pretrained(args.policy),
         prompts.input_ids,
         prompts.attention_mask,
+        reward_model=from_pretrained(args.reward_model, head="reward"),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if args.resume and os.path.isdir(config.checkpoint_dir) and os.listdir(config.checkpoint_dir):
-        done = trainer.restore(config.checkpoint_dir)
-        print(f"resumed from {config.checkpoint_dir} at iteration {done}", file=sys.stderr)
-        if os.path.exists(metrics_path):  # keep the records of the iterations already done
-            kept = [r for r in read_metrics(metrics_path) if r["step"] <= done]
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    _resume(trainer, checkpoints, metrics_path)
     with MetricsLogger(metrics_path, tensorboard_dir=os.path.join(args.out, "tb")) as log:
         trainer.train(callback=log.log, progress=not args.quiet)
     save_pretrained(trainer.actor(), os.path.join(args.out, "policy"), tokenizer=tokenizer)
+    return _ppo_report(args.out, metrics_path)
+
+
+def _check_fresh_run(resume: bool, checkpoints: str) -> None:
+    """With --no-resume, refuse to start over a directory that holds another run's checkpoints."""
+    from jaxrlhf.train.checkpoint import all_steps
+
+    steps = all_steps(checkpoints)
+    if not resume and steps:
+        raise SystemExit(
+            f"error: --no-resume, but {checkpoints} holds the checkpoints of an earlier run "
+            f"(iterations {', '.join(map(str, steps))}); resume it (drop --no-resume), or choose "
+            "another --out or --ppo-checkpoint-dir (nothing was deleted)"
+        )
+
+
+def _resume(trainer, checkpoints: str, metrics_path: str) -> None:
+    """Continue from the latest checkpoint (keeping the metric records up to it), or start clean."""
+    from jaxrlhf.logging import read_metrics
+    from jaxrlhf.train.checkpoint import latest_step
+
+    if latest_step(checkpoints) is None:
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)  # records of a run that never checkpointed
+        return
+    done = trainer.restore(checkpoints)
+    print(f"resumed from {checkpoints} at iteration {done}", file=sys.stderr)
+    if os.path.exists(metrics_path):  # keep the records of the iterations already done
+        kept = [r for r in read_metrics(metrics_path) if r["step"] <= done]
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+def _ppo_report(out: str, metrics_path: str) -> int:
+    from jaxrlhf.logging import read_metrics
+    from jaxrlhf.report import plot_curves, write_report
+
     records = read_metrics(metrics_path)
-    plots = plot_curves({"ppo": records}, os.path.join(args.out, "plots"))
+    plots = plot_curves({"ppo": records}, os.path.join(out, "plots"))
     last = records[-1]
     keys = ("objective/scores", "objective/kl", "objective/entropy", "loss/value_avg")
     write_report(
-        os.path.join(args.out, "report.md"),
+        os.path.join(out, "report.md"),
         title="jaxrlhf ppo",
         sections=[("Last iteration", "\n".join(f"- `{k}`: {last.get(k)}" for k in keys))],
         plots=plots,
@@ -203,8 +216,9 @@ def cmd_generate(args) -> int:
 
     from jaxrlhf.data.preference import DataConfig, tokenize_prompts
     from jaxrlhf.models.hf import from_pretrained
-    from jaxrlhf.rollout import generate
+    from jaxrlhf.rollout import SamplingConfig, sample
 
+    sampling = _get(args, SamplingConfig)
     tokenizer = _load_tokenizer(args.model)
     model = from_pretrained(args.model)
     prompts = list(args.prompt)
@@ -214,16 +228,12 @@ def cmd_generate(args) -> int:
     if not prompts:
         raise SystemExit("error: give at least one --prompt or a --prompts-file")
     batch = tokenize_prompts({"prompt": prompts}, tokenizer, _get(args, DataConfig))
-    rollout = generate(
+    rollout = sample(
         model,
         batch.input_ids,
         batch.attention_mask,
-        max_new_tokens=args.max_new_tokens,
-        rng=jax.random.PRNGKey(args.seed),
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        greedy=args.greedy,
+        sampling,
+        jax.random.PRNGKey(args.seed),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -239,13 +249,13 @@ def cmd_generate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from jaxrlhf.data.preference import DataConfig
     from jaxrlhf.demo import DEMO_PPO, DEMO_REWARD, DEMO_SFT, DemoConfig
+    from jaxrlhf.rollout import SamplingConfig
     from jaxrlhf.train.ppo import PPOConfig
     from jaxrlhf.train.reward import RewardConfig
     from jaxrlhf.train.sft import SFTConfig
 
     parser = argparse.ArgumentParser(prog="jaxrlhf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
 
     demo = sub.add_parser("demo", help="the offline demo: SFT → reward model → PPO, with a report")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -292,16 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(ppo, DataConfig)
     ppo.set_defaults(run=cmd_ppo)
 
-    gen = sub.add_parser("generate", help="sample completions from a model", formatter_class=fmt)
+    gen = sub.add_parser("generate", help="sample completions from a model")
     gen.add_argument("--model", required=True, help="local Hugging Face directory")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", help="a text file, one prompt per line")
-    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    gen.add_argument("--top-k", type=int, default=None, help="top-k filter")
-    gen.add_argument("--top-p", type=float, default=None, help="nucleus filter")
-    gen.add_argument("--greedy", action="store_true", help="greedy decoding")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    _add(gen, SamplingConfig)
     _add(gen, DataConfig)
     gen.set_defaults(run=cmd_generate)
     return parser

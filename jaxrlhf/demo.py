@@ -24,14 +24,16 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxrlhf.collect import collect_preferences
 from jaxrlhf.config import option, require
-from jaxrlhf.data.demo_task import DemoTask, build_demo_task, collect_preferences
+from jaxrlhf.data.demo_task import DemoTask, build_demo_task
 from jaxrlhf.data.preference import tokenize_pairs
 from jaxrlhf.logging import MetricsLogger
 from jaxrlhf.models import CausalLM
 from jaxrlhf.report import markdown_table, plot_curves, write_report
-from jaxrlhf.rollout import generate
-from jaxrlhf.train.ppo import PPOConfig, PPOTrainer, init_policy, reward_model_fn
+from jaxrlhf.rollout import sample, sequences
+from jaxrlhf.train.experience import reward_model_fn
+from jaxrlhf.train.ppo import PPOConfig, PPOTrainer
 from jaxrlhf.train.reward import (
     RewardConfig,
     normalize_reward_model,
@@ -86,24 +88,18 @@ DEMO_PPO = PPOConfig(
 )
 
 
-def sample(task: DemoTask, actor: CausalLM, batch, rng, config: PPOConfig):
+def sample_task(task: DemoTask, actor: CausalLM, batch, rng, config: PPOConfig):
     """One completion per prompt of ``batch``, sampled as PPO samples (length, temperature)."""
-    return generate(
-        actor,
-        batch.input_ids,
-        batch.attention_mask,
-        max_new_tokens=config.max_new_tokens,
-        rng=rng,
-        temperature=config.temperature,
-        eos_token_id=task.eos_token_id,
-        pad_token_id=task.pad_token_id,
-    )
+    return sample(
+        actor, batch.input_ids, batch.attention_mask, config.sampling, rng,
+        eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
+    )  # fmt: skip
 
 
 def evaluate(task: DemoTask, actor: CausalLM, reward_fn: Callable, rng, config: PPOConfig) -> dict:
     """Sample one completion per held-out prompt; gold reward, learned reward, EOS rate, texts."""
     batch = task.prompt_batch(task.eval_prompts)
-    rollout = sample(task, actor, batch, rng, config)
+    rollout = sample_task(task, actor, batch, rng, config)
     tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
     texts = task.decode(tokens, mask)
     finished = task.finished(tokens, mask)
@@ -121,38 +117,35 @@ def run_ppo(
     name: str,
     task: DemoTask,
     base: CausalLM,
-    reward_fn: Callable,
+    reward_model,
     config: PPOConfig,
     demo: DemoConfig,
     *,
     progress: bool,
 ) -> tuple[PPOTrainer, list[dict], dict]:
-    """PPO from the base policy against ``reward_fn``; gold reward measured every ``eval_every``.
+    """PPO from the base policy against the reward model; gold reward every ``eval_every``.
 
-    Returns the trainer, the metric records and the evaluation after the last iteration.
+    Each run checkpoints (when asked) into its own ``<checkpoint_dir>/<name>``. Returns the
+    trainer, the metric records and the evaluation after the last iteration.
     """
-    policy = init_policy(base, rngs=nnx.Rngs(demo.seed + 1))
+    if config.checkpoint_dir:
+        config = dataclasses.replace(
+            config, checkpoint_dir=os.path.join(config.checkpoint_dir, name)
+        )
     prompts = task.prompt_batch()
-    trainer = PPOTrainer(
-        config,
-        policy,
-        base,
-        reward_fn,
-        prompts.input_ids,
-        prompts.attention_mask,
-        eos_token_id=task.eos_token_id,
-        pad_token_id=task.pad_token_id,
-    )
+    trainer = PPOTrainer.from_sft(
+        config, base, prompts.input_ids, prompts.attention_mask, reward_model=reward_model,
+        eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
+    )  # fmt: skip
     records: list[dict] = []
     final: dict = {}
     eval_key = jax.random.PRNGKey(demo.seed + 2)
-    os.makedirs(demo.out_dir, exist_ok=True)
     with MetricsLogger(os.path.join(demo.out_dir, f"metrics_{name}.jsonl")) as log:
 
         def callback(iteration: int, metrics: dict) -> None:
             record = dict(metrics)
             if iteration % demo.eval_every == 0 or iteration == config.num_iterations:
-                ev = evaluate(task, trainer.actor(), reward_fn, eval_key, config)
+                ev = evaluate(task, trainer.actor(), trainer.reward_fn, eval_key, config)
                 final.update(ev)
                 record.update({"gold/score": ev["gold"], "eval/learned_score": ev["learned"]})
             log.log(iteration, record)
@@ -160,6 +153,65 @@ def run_ppo(
 
         trainer.train(callback=callback, progress=progress)
     return trainer, records, final
+
+
+def build_task(demo: DemoConfig, ppo: PPOConfig) -> tuple[DemoTask, object]:
+    """The built-in task and the tiny GPT-2 config that all four models share."""
+    task = build_demo_task(
+        demo.seed,
+        num_sentences=demo.num_sentences,
+        num_prompts=max(demo.num_prompts, ppo.batch_size),
+        num_eval_prompts=demo.num_eval_prompts,
+        max_response_length=ppo.max_new_tokens + 1,  # + the EOS appended to annotated responses
+    )
+    model_config = tiny_model_config(
+        task.vocab_size,
+        hidden_size=demo.hidden_size,
+        num_layers=demo.num_layers,
+        max_position_embeddings=task.data_config.max_prompt_length + ppo.max_new_tokens + 8,
+    )
+    return task, model_config
+
+
+def train_demo_reward_model(task, base, demo, reward: RewardConfig, ppo: PPOConfig, *, progress):
+    """Annotated pairs of base-policy samples → Bradley-Terry reward model → normalised on the base
+    policy's samples. Returns (reward model, summary of the reward model)."""
+    key = jax.random.PRNGKey(demo.seed)
+    dataset, pair_info = collect_preferences(
+        task, base, jax.random.split(key)[0], num_pairs=demo.num_pairs, seed=demo.seed
+    )
+    # Re-tokenising decoded text can add a token or two; cut those (the data code counts them).
+    pair_config = dataclasses.replace(task.data_config, truncate=True)
+    pairs = tokenize_pairs(dataset, task.tokenizer, pair_config)
+    gold_c, gold_r = pair_info["gold_chosen"], pair_info["gold_rejected"]
+    untied = gold_c != gold_r  # pairs where the gold reward has a preference at all
+    reward_model = reward_model_from_policy(base, seed=demo.seed)
+    reward_model, rm_metrics = train_reward_model(reward_model, pairs, reward, progress=progress)
+    prompts = task.prompt_batch()
+    rollout = sample_task(task, base, prompts, jax.random.fold_in(key, 7), ppo)
+    seq_ids, seq_mask = (
+        np.asarray(x) for x in sequences(prompts.input_ids, prompts.attention_mask, rollout)
+    )
+    reward_model, norm_stats = normalize_reward_model(reward_model, seq_ids, seq_mask)
+    return reward_model, {
+        "held_out_accuracy": float(rm_metrics["eval_accuracy"][-1]),
+        "num_train_pairs": int(rm_metrics["num_train_pairs"]),
+        "num_eval_pairs": int(rm_metrics["num_eval_pairs"]),
+        "annotator_gold_agreement": float(np.mean(gold_c[untied] > gold_r[untied]))
+        if untied.any()
+        else 0.0,
+        "gold_tie_fraction": float(1.0 - untied.mean()),
+        **norm_stats,
+    }
+
+
+def ppo_settings(ppo: PPOConfig, demo: DemoConfig) -> list[tuple[str, PPOConfig, str]]:
+    """(name, config, label) of the demo's PPO runs: with the KL penalty, and (optionally) without."""
+    settings = [("kl", ppo, f"PPO, β = {ppo.kl_coef}")]
+    if demo.run_without_kl:
+        no_kl = dataclasses.replace(ppo, kl_coef=0.0, adaptive_kl=False)
+        settings.append(("no_kl", no_kl, "PPO, β = 0"))
+    return settings
 
 
 def run_demo(
@@ -182,81 +234,44 @@ def run_demo(
         echo(f"[demo] {time.perf_counter() - start:5.0f} s  {label} …")
 
     stage("building the task (corpus, tokenizer, prompts)")
-    task = build_demo_task(
-        demo.seed,
-        num_sentences=demo.num_sentences,
-        num_prompts=max(demo.num_prompts, ppo.batch_size),
-        num_eval_prompts=demo.num_eval_prompts,
-        max_response_length=ppo.max_new_tokens + 1,  # + the EOS appended to annotated responses
-    )
-    model_config = tiny_model_config(
-        task.vocab_size,
-        hidden_size=demo.hidden_size,
-        num_layers=demo.num_layers,
-        max_position_embeddings=task.data_config.max_prompt_length + ppo.max_new_tokens + 8,
-    )
-
+    task, model_config = build_task(demo, ppo)
     stage("SFT: training the base policy on the corpus")
     base = CausalLM(model_config, rngs=nnx.Rngs(demo.seed))
     base, sft_metrics = train_sft(base, *task.corpus_batch(), sft, progress=progress)
-
-    stage("collecting preference pairs from the base policy (simulated annotators)")
-    key = jax.random.PRNGKey(demo.seed)
-    pairs_key, eval_key = jax.random.split(key)
-    dataset, pair_info = collect_preferences(
-        task, base, pairs_key, num_pairs=demo.num_pairs, seed=demo.seed
+    stage("preference pairs (simulated annotators) → reward model (Bradley-Terry)")
+    reward_model, rm_summary = train_demo_reward_model(
+        task, base, demo, reward, ppo, progress=progress
     )
-    # Re-tokenising decoded text can add a token or two; cut those (the data code counts them).
-    pair_config = dataclasses.replace(task.data_config, truncate=True)
-    pairs = tokenize_pairs(dataset, task.tokenizer, pair_config)
-    gold_c, gold_r = pair_info["gold_chosen"], pair_info["gold_rejected"]
-    untied = gold_c != gold_r  # pairs where the gold reward has a preference at all
-    gold_agreement = float(np.mean(gold_c[untied] > gold_r[untied])) if untied.any() else 0.0
-
-    stage("training the reward model (Bradley-Terry)")
-    reward_model = reward_model_from_policy(base, seed=demo.seed)
-    reward_model, rm_metrics = train_reward_model(reward_model, pairs, reward, progress=progress)
-    prompts = task.prompt_batch()
-    rollout = sample(task, base, prompts, jax.random.fold_in(key, 7), ppo)
-    seq_ids = np.concatenate([prompts.input_ids, np.asarray(rollout.tokens)], axis=1)
-    seq_mask = np.concatenate([prompts.attention_mask, np.asarray(rollout.mask)], axis=1)
-    reward_model, norm_stats = normalize_reward_model(reward_model, seq_ids, seq_mask)
-    reward_fn = reward_model_fn(reward_model)
-
     stage("evaluating the base policy")
-    before = evaluate(task, base, reward_fn, eval_key, ppo)
-
-    settings = [("kl", ppo, f"PPO, β = {ppo.kl_coef}")]
-    if demo.run_without_kl:
-        no_kl = dataclasses.replace(ppo, kl_coef=0.0, adaptive_kl=False)
-        settings.append(("no_kl", no_kl, "PPO, β = 0"))
-    results, runs, final_kl = {"base policy (SFT)": before}, {}, {}
-    trainer = None
-    for name, config, label in settings:
+    eval_key = jax.random.split(jax.random.PRNGKey(demo.seed))[1]
+    results = {
+        "base policy (SFT)": evaluate(task, base, reward_model_fn(reward_model), eval_key, ppo)
+    }
+    runs, final_kl, exported = {}, {}, None
+    for name, config, label in ppo_settings(ppo, demo):
         stage(label + (" (reward hacking)" if config.kl_coef == 0 else " with the KL penalty"))
-        run_trainer, records, results[label] = run_ppo(
-            name, task, base, reward_fn, config, demo, progress=progress
+        trainer, records, results[label] = run_ppo(
+            name, task, base, reward_model, config, demo, progress=progress
         )
         runs[label], final_kl[label] = records, records[-1]["objective/kl"]
-        trainer = trainer or run_trainer  # the exported policy is the KL-penalised one
-
+        exported = exported or trainer  # the exported policy is the KL-penalised one
     if demo.save_models:
-        from jaxrlhf.models.hf import save_pretrained
-
         stage("exporting the PPO policy and the reward model (Hugging Face format)")
-        for model, name in ((trainer.actor(), "policy"), (reward_model, "reward_model")):
-            save_pretrained(model, os.path.join(demo.out_dir, name), tokenizer=task.tokenizer)
+        export_models(demo, task, exported.actor(), reward_model)
+    summary = summarize(rm_summary, results, final_kl, sft_metrics, time.perf_counter() - start)
+    with open(os.path.join(demo.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    _write_demo_report(demo, ppo, summary, results, runs)
+    echo(
+        f"[demo] done in {summary['seconds']:.0f} s; report: {os.path.join(demo.out_dir, 'report.md')}"
+    )
+    return summary
 
-    elapsed = time.perf_counter() - start
-    summary = {
-        "reward_model": {
-            "held_out_accuracy": float(rm_metrics["eval_accuracy"][-1]),
-            "num_train_pairs": int(rm_metrics["num_train_pairs"]),
-            "num_eval_pairs": int(rm_metrics["num_eval_pairs"]),
-            "annotator_gold_agreement": gold_agreement,
-            "gold_tie_fraction": float(1.0 - untied.mean()),
-            **norm_stats,
-        },
+
+def summarize(rm_summary, results, final_kl, sft_metrics, seconds) -> dict:
+    """The demo's summary.json: the reward model, each policy's rewards, KL and EOS rate."""
+    return {
+        "reward_model": rm_summary,
         "policies": {
             name: {
                 "gold_reward": r["gold"],
@@ -267,13 +282,16 @@ def run_demo(
             for name, r in results.items()
         },
         "sft_final_loss": float(np.mean(sft_metrics["loss"][-20:])),
-        "seconds": elapsed,
+        "seconds": seconds,
     }
-    with open(os.path.join(demo.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    _write_demo_report(demo, ppo, summary, results, runs)
-    echo(f"[demo] done in {elapsed:.0f} s; report: {os.path.join(demo.out_dir, 'report.md')}")
-    return summary
+
+
+def export_models(demo: DemoConfig, task: DemoTask, policy: CausalLM, reward_model) -> None:
+    """The PPO policy and the reward model as Hugging Face directories under ``demo.out_dir``."""
+    from jaxrlhf.models.hf import save_pretrained
+
+    for model, name in ((policy, "policy"), (reward_model, "reward_model")):
+        save_pretrained(model, os.path.join(demo.out_dir, name), tokenizer=task.tokenizer)
 
 
 def _write_demo_report(demo, ppo, summary, results, runs) -> str:

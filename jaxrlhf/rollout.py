@@ -1,36 +1,77 @@
-"""Rollout: sample responses from the actor with a jitted prefill and a KV-cache decode loop.
+"""Rollout: sample responses from the actor, and score prompt ⧺ response with a reward model.
 
-    prompts [B, P] (left-padded) ──prefill──▶ KV cache (P slots filled) + logits of the next token
-    for t = 0 … N−1:  aₜ ~ softmax(zₜ / τ) (top-k / top-p filtered);  log π(aₜ|sₜ) from the same zₜ;
+    prompts [B, P] (left-padded) ──prefill──▶ KV cache (P slots filled) + logits z₀ of the next token
+    for t = 0 … N−1:  aₜ ~ p̃ₜ = softmax(filter(zₜ / τ))   (filter: top-k, then top-p; identity if off)
+                      logprobsₜ = log p̃ₜ(aₜ)                (the distribution aₜ was drawn from)
                       run aₜ through the model once, writing its keys/values into slot P + t.
+
+``sample(model, prompt_ids, prompt_mask, SamplingConfig(...), rng)`` is the one entry point (the CLI,
+the demo, preference collection and the PPO trainer call it); ``generate`` is the same with the
+settings as keyword arguments. Without top_k/top_p the recorded log-probs are those of the
+temperature-scaled policy, log softmax(zₜ/τ)[aₜ], the quantity PPO recomputes at training time.
 
 The cache is preallocated with P + N − 1 slots, so every decode step does the same work whatever t is.
 The compiled function is cached by ``jax.jit`` per (graphdef, shapes, static arguments): calling
-``generate`` again in a training loop with new parameters does not retrace.
+``sample`` again in a training loop with new parameters or a new temperature does not retrace.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxrlhf.config import option, require
 from jaxrlhf.models.heads import ActorCritic, CausalLM
 from jaxrlhf.models.layers import positions_from_mask
 from jaxrlhf.rl import token_logprobs
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How responses are sampled from a policy: length, temperature, top-k / top-p, greedy."""
+
+    max_new_tokens: int = option(32, "Response length N: tokens generated per prompt.")
+    temperature: float = option(
+        1.0, "Sampling temperature τ: tokens come from softmax(logits / τ)."
+    )
+    top_k: int | None = option(None, "Sample only from the k most likely tokens (None: off).")
+    top_p: float | None = option(
+        None, "Nucleus sampling: only the most likely tokens holding this mass (None: off)."
+    )
+    greedy: bool = option(False, "Take the most likely token instead of sampling.")
+
+    def __post_init__(self):
+        n = self.max_new_tokens
+        is_int = isinstance(n, int) and not isinstance(n, bool)
+        require(is_int and n >= 1, self, "max_new_tokens", "must be an int ≥ 1")
+        require(
+            self.temperature > 0, self, "temperature", "must be > 0 (greedy=True takes the argmax)"
+        )
+        require(self.top_k is None or self.top_k >= 1, self, "top_k", "must be ≥ 1 or None")
+        require(self.top_p is None or 0 < self.top_p <= 1, self, "top_p", "must be in (0, 1]")
+        for name in ("top_k", "top_p"):
+            unused = self.greedy and getattr(self, name) is not None
+            require(not unused, self, name, "has no effect with greedy=True; leave it None")
+
+
 @struct.dataclass
 class Rollout:
-    """Responses sampled by ``generate``."""
+    """Responses sampled by ``sample`` / ``generate``.
+
+    ``logprobs`` are those of the distribution each token was actually drawn from,
+    log softmax(filter(zₜ/τ))[aₜ]: with top_k/top_p they are renormalised over the kept tokens (top_k=1
+    gives 0), without them they equal log π(aₜ|sₜ) at temperature τ (``rl.token_logprobs``). Greedy
+    decoding draws nothing; its logprobs are the unfiltered log softmax(zₜ/τ)[aₜ].
+    """
 
     tokens: jax.Array  # [B, N] int32 response tokens; pad_token_id after a row's EOS
     mask: jax.Array  # [B, N] float32 1 at valid response tokens (the EOS included), 0 after it
-    logprobs: (
-        jax.Array
-    )  # [B, N] float32 log π(aₜ|sₜ) under the temperature-scaled policy; 0 if masked
+    logprobs: jax.Array  # [B, N] float32 log p̃(aₜ|sₜ) of the sampling distribution; 0 if masked
 
 
 def filter_logits(logits, *, top_k: int | None = None, top_p=None):
@@ -54,27 +95,48 @@ def filter_logits(logits, *, top_k: int | None = None, top_p=None):
 
 
 def sample_token(logits, rng, *, temperature, top_k, top_p, greedy: bool):
-    """One token per row: argmax (greedy) or a draw from softmax(filter(logits / τ)). [B, V] → [B]."""
+    """One token per row and its log-probability under the distribution it was drawn from.
+
+    sampled:  a ~ p̃ = softmax(z̃),  z̃ = filter(z / τ),   logprob = log p̃(a) = z̃[a] − log Σ_v exp z̃[v]
+    greedy:   a = argmax z,                             logprob = log softmax(z / τ)[a]  (unfiltered)
+
+    Args:
+      logits: [B, V] raw logits z of the next token.
+      rng: a jax.random key (unused when greedy).
+      temperature: τ > 0.  top_k, top_p: the filter (None: off).
+    Returns:
+      (tokens [B] int32, logprobs [B] float32).
+    """
+    chex.assert_rank(logits, 2)
+    scaled = logits.astype(jnp.float32) / temperature  # [B, V]
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)  # [B, V]
-    return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+        sampled_from = scaled  # [B, V]
+    else:
+        sampled_from = filter_logits(scaled, top_k=top_k, top_p=top_p)  # [B, V]
+        token = jax.random.categorical(rng, sampled_from, axis=-1).astype(jnp.int32)  # [B]
+    # τ is already applied: token_logprobs at temperature 1 is log softmax(z̃)[a].
+    logprob = token_logprobs(sampled_from[:, None], token[:, None])[:, 0]  # [B]
+    return token, logprob
 
 
-_TRACES = {
-    "count": 0
-}  # incremented each time _generate is traced (tests check there is no retrace)
+def _prefill(lm: CausalLM, input_ids, attention_mask, max_new_tokens: int):
+    """The whole prompt in one pass into a cache of P + N − 1 slots (slots P … P+N−2 will hold
+    generated tokens 0 … N−2) → (logits of response token 0 [B, V], cache, kv_mask [B, P + N − 1])."""
+    B, P = input_ids.shape
+    kv_mask = jnp.concatenate(
+        [attention_mask.astype(jnp.int32), jnp.ones((B, max_new_tokens - 1), jnp.int32)], axis=1
+    )  # [B, P + N − 1]
+    cache = lm.init_cache(B, P + max_new_tokens - 1)
+    positions = positions_from_mask(attention_mask)  # [B, P]
+    logits, cache = lm.forward_cached(input_ids, positions, kv_mask, cache, 0)  # [B, P, V]
+    # Left padding: the last slot is the last prompt token, whose logits predict token 0.
+    return logits[:, -1], cache, kv_mask
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "graphdef",
-        "max_new_tokens",
-        "top_k",
-        "use_top_p",
-        "greedy",
-    ),
+    static_argnames=("graphdef", "max_new_tokens", "top_k", "use_top_p", "greedy"),
 )
 def _generate(
     state,
@@ -94,36 +156,24 @@ def _generate(
 ) -> Rollout:
     """The jitted body of generate. temperature, top_p, eos_token_id (−1: none) and pad_token_id are
     traced scalars, so changing them does not recompile."""
-    _TRACES["count"] += 1
     lm = nnx.merge(graphdef, state)
     B, P = input_ids.shape
     N = max_new_tokens
-    top_p = top_p if use_top_p else None
-    sample = functools.partial(
-        sample_token, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
+    draw = functools.partial(
+        sample_token,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p if use_top_p else None,
+        greedy=greedy,
     )
 
-    def logprob(step_logits, token):  # [B, V], [B] → [B]
-        return token_logprobs(step_logits[:, None], token[:, None], temperature=temperature)[:, 0]
-
-    def is_eos(token):  # [B] → [B] bool (never true for eos_token_id = −1)
-        return token == eos_token_id
-
-    # Prefill: the whole prompt in one pass; slots P … P+N−2 will hold generated tokens 0 … N−2.
-    kv_mask = jnp.concatenate(
-        [attention_mask.astype(jnp.int32), jnp.ones((B, N - 1), jnp.int32)], axis=1
-    )  # [B, P + N − 1]
-    cache = lm.init_cache(B, P + N - 1)
-    positions = positions_from_mask(attention_mask)  # [B, P]
-    logits, cache = lm.forward_cached(input_ids, positions, kv_mask, cache, 0)  # [B, P, V]
+    logits, cache, kv_mask = _prefill(lm, input_ids, attention_mask, N)  # [B, V], cache, [B, P+N−1]
     first_position = attention_mask.astype(jnp.int32).sum(-1)  # [B] position of response token 0
-
-    step_logits = logits[:, -1]  # [B, V] (left padding: the last slot is the last prompt token)
-    token = sample(step_logits, jax.random.fold_in(rng, 0))  # [B]
+    token, logprob = draw(logits, jax.random.fold_in(rng, 0))  # [B], [B]
     tokens = jnp.full((B, N), pad_token_id, jnp.int32).at[:, 0].set(token)  # [B, N]
     mask = jnp.zeros((B, N), jnp.float32).at[:, 0].set(1.0)  # [B, N]
-    logprobs = jnp.zeros((B, N), jnp.float32).at[:, 0].set(logprob(step_logits, token))
-    done = is_eos(token)  # [B]
+    logprobs = jnp.zeros((B, N), jnp.float32).at[:, 0].set(logprob)  # [B, N]
+    done = token == eos_token_id  # [B] (never true for eos_token_id = −1)
 
     def cond(carry):
         t, _, done, *_ = carry
@@ -134,20 +184,41 @@ def _generate(
         # Feed token t−1 (slot P + t − 1), get the distribution of token t.
         positions = (first_position + t - 1)[:, None]  # [B, 1]
         logits, cache = lm.forward_cached(previous[:, None], positions, kv_mask, cache, P + t - 1)
-        step_logits = logits[:, 0]  # [B, V]
-        token = sample(step_logits, jax.random.fold_in(rng, t))  # [B]
+        token, logprob = draw(logits[:, 0], jax.random.fold_in(rng, t))  # [B], [B]
         alive = ~done  # [B]
-        token = jnp.where(alive, token, pad_token_id)
+        token = jnp.where(alive, token, pad_token_id)  # [B]
+        logprob = jnp.where(alive, logprob, 0.0)  # [B]
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, t))
         mask = jax.lax.dynamic_update_slice(mask, alive.astype(jnp.float32)[:, None], (0, t))
-        lp = jnp.where(alive, logprob(step_logits, token), 0.0)  # [B]
-        logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, t))
-        done = done | is_eos(token)
+        logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, t))
+        done = done | (token == eos_token_id)
         return t + 1, token, done, cache, tokens, mask, logprobs
 
     carry = (jnp.int32(1), token, done, cache, tokens, mask, logprobs)
     _, _, _, _, tokens, mask, logprobs = jax.lax.while_loop(cond, body, carry)
     return Rollout(tokens=tokens, mask=mask, logprobs=logprobs)
+
+
+def _check_model_and_prompts(model, input_ids, attention_mask, config: SamplingConfig, token_ids):
+    """The checks that need the model: its type, the prompt shapes, top_k, token ids, positions."""
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"generate needs a CausalLM or an ActorCritic, got {type(model).__name__}")
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be [B, P]"
+        )
+    vocab_size = model.config.vocab_size
+    if config.top_k is not None and config.top_k > vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size={vocab_size}], got {config.top_k}")
+    for name, value in token_ids.items():
+        if value is not None and not 0 <= value < vocab_size:
+            raise ValueError(f"{name}={value} is outside the vocabulary [0, {vocab_size})")
+    length = input_ids.shape[1] + config.max_new_tokens
+    if model.config.family == "gpt2" and length > model.config.max_position_embeddings:
+        raise ValueError(
+            f"prompt length {input_ids.shape[1]} + max_new_tokens {config.max_new_tokens} exceeds "
+            f"the model's max_position_embeddings={model.config.max_position_embeddings}"
+        )
 
 
 def generate(
@@ -166,11 +237,14 @@ def generate(
 ) -> Rollout:
     """Sample ``max_new_tokens`` response tokens for a batch of left-padded prompts.
 
-    aₜ ~ softmax(filter(zₜ / τ)),   logprobsₜ = log softmax(zₜ / τ)[aₜ]   (jaxrlhf.rl.token_logprobs)
+    aₜ ~ softmax(z̃ₜ),  z̃ₜ = filter(zₜ / τ),   logprobsₜ = log softmax(z̃ₜ)[aₜ]
 
-    top_k / top_p only filter what is sampled; ``logprobs`` are those of the temperature-scaled
-    policy, the same quantity PPO recomputes at training time. Greedy decoding takes the argmax.
-    After a row's EOS (which is itself valid, mask 1) tokens are ``pad_token_id`` with mask 0.
+    ``logprobs`` are those of the distribution the token was drawn from: renormalised over the tokens
+    top_k / top_p keep (top_k=1 ⇒ 0), and without a filter log softmax(zₜ/τ)[aₜ], the quantity PPO
+    recomputes at training time (``rl.token_logprobs``). Greedy decoding takes argmax zₜ and records
+    the unfiltered log softmax(zₜ/τ)[aₜ]. After a row's EOS (which is itself valid, mask 1) tokens
+    are ``pad_token_id`` with mask 0 and logprobs 0. The settings are validated as a
+    :class:`SamplingConfig` (``sample`` takes one directly).
 
     Args:
       model: a CausalLM, or an ActorCritic (its ``.lm`` generates).
@@ -180,34 +254,19 @@ def generate(
       rng: a jax.random key.
     Returns: Rollout(tokens [B, N] int32, mask [B, N] float32, logprobs [B, N] float32).
     """
+    config = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        greedy=greedy,
+    )
     if isinstance(model, ActorCritic):
         model = model.lm
-    if not isinstance(model, CausalLM):
-        raise TypeError(f"generate needs a CausalLM or an ActorCritic, got {type(model).__name__}")
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    attention_mask = jnp.asarray(attention_mask, jnp.int32)
-    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
-        raise ValueError(
-            f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be [B, P]"
-        )
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}")
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    config = model.config
-    if top_k is not None and not 1 <= top_k <= config.vocab_size:
-        raise ValueError(f"top_k must be in [1, vocab_size={config.vocab_size}], got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-        if value is not None and not 0 <= value < config.vocab_size:
-            raise ValueError(f"{name}={value} is outside the vocabulary [0, {config.vocab_size})")
-    length = input_ids.shape[1] + max_new_tokens
-    if config.family == "gpt2" and length > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
-            f"model's max_position_embeddings={config.max_position_embeddings}"
-        )
+    input_ids = jnp.asarray(input_ids, jnp.int32)  # [B, P]
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)  # [B, P]
+    token_ids = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    _check_model_and_prompts(model, input_ids, attention_mask, config, token_ids)
     graphdef, state = nnx.split(model)
     return _generate(
         state,
@@ -224,3 +283,96 @@ def generate(
         use_top_p=top_p is not None,
         greedy=greedy,
     )
+
+
+def sample(
+    model,
+    prompt_ids,
+    prompt_mask,
+    config: SamplingConfig,
+    rng,
+    *,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> Rollout:
+    """Responses of ``model`` to left-padded prompts, sampled as ``config`` says: the one entry point.
+
+    aₜ ~ softmax(filter(zₜ / τ)),   logprobsₜ = log softmax(filter(zₜ / τ))[aₜ]
+
+    (see :func:`generate`: the log-probs are those of the distribution actually sampled from; without
+    top_k/top_p they are log π(aₜ|sₜ) at temperature τ; greedy records the unfiltered ones). Works
+    eagerly and inside another ``jax.jit`` (``model`` may be merged from traced parameters).
+
+    Args:
+      model: a CausalLM or an ActorCritic.
+      prompt_ids, prompt_mask: [B, P] left-padded prompts.
+      config: a SamplingConfig.
+      rng: a jax.random key.
+      eos_token_id: ends a row (None: rows run to max_new_tokens).  pad_token_id: fills after EOS.
+    Returns: Rollout(tokens [B, N], mask [B, N], logprobs [B, N]), N = config.max_new_tokens.
+    """
+    if not isinstance(config, SamplingConfig):
+        raise TypeError(f"sample needs a SamplingConfig, got {type(config).__name__}")
+    return generate(
+        model,
+        prompt_ids,
+        prompt_mask,
+        rng=rng,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        **dataclasses.asdict(config),
+    )
+
+
+# ---------------------------------------------------------------------- prompt ⧺ response
+
+
+def concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask):
+    """prompt ⧺ response: ids [B, P + N] and attention mask [B, P + N] (int32).
+
+    Prompts are left-padded and responses end in padding, so the valid tokens of a row are one
+    contiguous run and its last valid token is the last response token (the EOS when there is one).
+    """
+    chex.assert_rank([prompt_ids, prompt_mask, response_ids, response_mask], 2)
+    input_ids = jnp.concatenate(
+        [prompt_ids, response_ids.astype(prompt_ids.dtype)], axis=1
+    )  # [B, P + N]
+    mask = jnp.concatenate(
+        [prompt_mask.astype(jnp.int32), response_mask.astype(jnp.int32)], axis=1
+    )  # [B, P + N]
+    return input_ids, mask
+
+
+def sequences(prompt_ids, prompt_mask, rollout: Rollout):
+    """prompt ⧺ a Rollout's responses: (ids, mask) [B, P + N] (``concat_prompt_response``)."""
+    return concat_prompt_response(prompt_ids, prompt_mask, rollout.tokens, rollout.mask)
+
+
+def response_slice(x, prompt_len: int, response_len: int):
+    """The positions whose outputs score the response: x[:, P−1 : P−1+N].
+
+    logits[:, t] predict token t + 1, so response token j (at P + j) is scored by position P − 1 + j;
+    likewise the value of the state before response token j is values[:, P − 1 + j].
+    """
+    return x[:, prompt_len - 1 : prompt_len - 1 + response_len]
+
+
+def score_sequences(reward_model, prompt_ids, prompt_mask, response_ids, response_mask):
+    """The reward model's score of each prompt ⧺ response: r_φ(x ⧺ y) → [B].
+
+    A RewardModel reads its head at the last valid token of the concatenation: the response's last
+    valid token (its EOS, or the last generated token without one). Pure: call it inside ``jax.jit``
+    with a model merged from its state.
+
+    Args:
+      reward_model: a RewardModel (ids [B, L], mask [B, L] → scores [B]).
+      prompt_ids, prompt_mask: [B, P] left-padded prompts.
+      response_ids, response_mask: [B, N] responses (a Rollout's tokens and mask).
+    Returns: [B] float32 scores.
+    """
+    chex.assert_equal_shape([prompt_ids, prompt_mask])
+    chex.assert_equal_shape([response_ids, response_mask])
+    ids, mask = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
+    scores = reward_model(ids, mask)  # [B]
+    chex.assert_shape(scores, (prompt_ids.shape[0],))
+    return scores

@@ -106,3 +106,42 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=name)
     assert_trees_equal(resumed.state, full.state, rtol=1e-6, atol=1e-7)
     assert all_steps(tmp_path) == [10, 12]  # keep_checkpoints = 2
+
+
+def test_resume_refuses_a_checkpoint_saved_with_other_settings(tmp_path):
+    config = tu.tiny_ppo_config(num_iterations=1, checkpoint_dir=str(tmp_path))
+    tu.tiny_trainer(config).train(progress=False)
+    changed = tu.replace(config, batch_size=16, seed=1)
+    with pytest.raises(
+        ValueError, match=r"batch_size \(checkpoint 8, now 16\), seed \(checkpoint 0"
+    ):
+        tu.tiny_trainer(changed).restore(str(tmp_path))
+    # Devices, checkpointing and (under a constant learning rate) the run's length may change.
+    allowed = tu.replace(config, num_iterations=4, parallelism="shard_map", keep_checkpoints=3)
+    assert tu.tiny_trainer(allowed).restore(str(tmp_path)) == 1
+
+
+def test_sft_resumes_exactly_like_an_uninterrupted_run(tmp_path):
+    from data_utils import small_task, tiny_lm
+
+    from jaxrlhf.train import SFTConfig, train_sft
+
+    task = small_task()
+    ids, mask = (a[:64] for a in task.corpus_batch())
+    model = tiny_lm(task.vocab_size)
+    config = SFTConfig(steps=6, batch_size=16, warmup_steps=1)
+    full, full_metrics = train_sft(model, ids, mask, config, progress=False)
+    # The same run, interrupted after 4 steps (a checkpoint at 4), then resumed in a new call.
+    first = tu.replace(config, checkpoint_dir=str(tmp_path), checkpoint_every=4)
+    train_sft(model, ids, mask, tu.replace(first, steps=6, checkpoint_every=4), progress=False)
+    assert all_steps(tmp_path) == [4, 6]
+    import shutil
+
+    shutil.rmtree(tmp_path / "6")  # as if killed between the saves at 4 and 6
+    resumed, metrics = train_sft(model, ids, mask, first, progress=False)
+    assert len(metrics["loss"]) == 2  # only steps 5 and 6 ran
+    np.testing.assert_allclose(metrics["loss"], full_metrics["loss"][4:], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(tu.nnx.state(resumed)), jax.tree.leaves(tu.nnx.state(full))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"SFTConfig differs .* learning_rate"):
+        train_sft(model, ids, mask, tu.replace(first, learning_rate=0.5), progress=False)

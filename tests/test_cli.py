@@ -78,6 +78,7 @@ def test_train_rm_then_ppo_then_resume(workspace, capsys):
     ]
     ppo += ["--reward-model", str(rm_out / "reward_model"), "--out", str(ppo_out), "--quiet"]
     ppo += ["--ppo-batch-size", "4", "--ppo-max-new-tokens", "4", "--ppo-ppo-epochs", "1"]
+    ppo += ["--ppo-lr-schedule", "constant"]  # so that the run may be extended on resume
     assert main([*ppo, "--ppo-num-iterations", "2", *DATA_FLAGS]) == 0
     records = read_metrics(ppo_out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
@@ -86,6 +87,20 @@ def test_train_rm_then_ppo_then_resume(workspace, capsys):
     # Asking for 3 iterations in the same directory resumes from the checkpoint at 2.
     assert main([*ppo, "--ppo-num-iterations", "3", *DATA_FLAGS]) == 0
     assert [r["step"] for r in read_metrics(ppo_out / "metrics.jsonl")] == [1, 2, 3]
+    capsys.readouterr()
+    # A setting that changes the run is refused on resume, naming it (the checkpoints survive).
+    assert main([*ppo, "--ppo-num-iterations", "4", "--ppo-seed", "7", *DATA_FLAGS]) == 2
+    assert "seed (checkpoint 0, now 7)" in capsys.readouterr().err
+    # --no-resume over an earlier run's checkpoints: refused, nothing deleted.
+    with pytest.raises(SystemExit, match="holds the checkpoints of an earlier run"):
+        main([*ppo, "--no-resume", *DATA_FLAGS])
+    assert sorted(os.listdir(ppo_out / "checkpoints")) == ["2", "3"]
+    # A linear learning-rate decay is laid out over num_iterations: extending it is refused.
+    linear = [a if a != "constant" else "linear" for a in ppo]
+    linear[linear.index("--out") + 1] = str(workspace / "ppo_linear")
+    assert main([*linear, "--ppo-num-iterations", "1", *DATA_FLAGS]) == 0
+    assert main([*linear, "--ppo-num-iterations", "2", *DATA_FLAGS]) == 2
+    assert "num_iterations (checkpoint 1, now 2)" in capsys.readouterr().err
 
 
 def test_bad_flag_value_names_the_field(workspace, capsys):
@@ -119,7 +134,12 @@ def test_demo_smoke(tmp_path):
     argv += ["--sft-steps", "80", "--sft-warmup-steps", "5", "--sft-batch-size", "32"]
     argv += ["--rm-epochs", "1", "--rm-batch-size", "8", "--rm-eval-fraction", "0.25"]
     argv += ["--ppo-num-iterations", "2", "--ppo-batch-size", "8", "--ppo-max-new-tokens", "12"]
+    argv += ["--ppo-separate-critic", "--ppo-critic-init", "reward_model"]
+    argv += ["--ppo-checkpoint-dir", str(tmp_path / "ckpt")]
     assert main(argv) == 0
+    # Each PPO run checkpoints into a directory of its own.
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["kl", "no_kl"]
+    assert os.listdir(tmp_path / "ckpt" / "kl") == ["2"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["policies"]) == {"base policy (SFT)", "PPO, β = 0.1", "PPO, β = 0"}
     assert 0.0 <= summary["reward_model"]["held_out_accuracy"] <= 1.0

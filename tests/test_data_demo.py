@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from data_utils import SMALL_TASK, sft_policy, small_task, tiny_lm
 
-from jaxrlhf.data import build_demo_task, collect_preferences, tokenize_pairs
+from jaxrlhf.collect import collect_preferences
+from jaxrlhf.data import build_demo_task, tokenize_pairs
 from jaxrlhf.data.demo_task import (
     NEGATIVE,
     POSITIVE,
@@ -17,6 +18,7 @@ from jaxrlhf.data.demo_task import (
     gold_reward,
     preference_probability,
 )
+from jaxrlhf.rollout import SamplingConfig
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,12 @@ def test_collect_preferences_from_a_policy(task):
     # a briefly fine-tuned tiny LM (60 steps): enough to end most completions with ". EOS"
     _, policy, _, _ = sft_policy()
     data, info = collect_preferences(
-        task, policy, jax.random.key(0), num_pairs=10, max_new_tokens=12, batch_size=16
+        task,
+        policy,
+        jax.random.key(0),
+        num_pairs=10,
+        sampling=SamplingConfig(max_new_tokens=12),
+        batch_size=16,
     )
     assert len(data) == 10 and data.column_names == ["prompt", "chosen", "rejected"]
     assert all(c != r for c, r in zip(data["chosen"], data["rejected"]))
@@ -149,7 +156,7 @@ def test_collect_preferences_gives_up_on_a_policy_that_never_ends(task):
             tiny_lm(task.vocab_size),
             jax.random.key(0),
             num_pairs=50,
-            max_new_tokens=2,
+            sampling=SamplingConfig(max_new_tokens=2),
             batch_size=16,
             max_batches=2,
         )

@@ -11,15 +11,9 @@ import pytest
 import train_utils as tu
 
 from jaxrlhf import rl
-from jaxrlhf.train.ppo import (
-    PolicyWithCritic,
-    PPOConfig,
-    init_policy,
-    make_experience,
-    missing_eos_penalty,
-    ppo_minibatch_loss,
-    prompt_batch_indices,
-)
+from jaxrlhf.train import PPOConfig, PPOLoss, PPOTrainer
+from jaxrlhf.train.experience import make_experience, missing_eos_penalty
+from jaxrlhf.train.ppo import PolicyWithCritic, init_policy, prompt_batch_indices
 
 # ----------------------------------------------------------------------------- config
 
@@ -37,11 +31,29 @@ from jaxrlhf.train.ppo import (
         ("lam", 1.2),
         ("top_p", 0.0),
         ("lr_schedule", "step"),
+        ("critic_init", "random"),
+        ("missing_eos_penalty", -1.0),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"PPOConfig\.{field} = "):
         PPOConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("top_k", 1), ("top_p", 0.9)])
+def test_config_refuses_filtered_sampling_and_says_why(field, value):
+    with pytest.raises(ValueError, match=rf"PPOConfig\.{field} = .*off-policy"):
+        PPOConfig(**{field: value})
+
+
+def test_config_critic_from_the_reward_model_needs_a_separate_critic():
+    with pytest.raises(ValueError, match=r"PPOConfig\.critic_init = 'reward_model': .*separate"):
+        PPOConfig(critic_init="reward_model")
+    assert PPOConfig(critic_init="reward_model", separate_critic=True).critic_init == "reward_model"
+
+
+def test_config_defaults_penalise_a_missing_eos():
+    assert PPOConfig().missing_eos_penalty == 1.0
 
 
 def test_config_devices_must_divide_the_minibatch():
@@ -207,8 +219,20 @@ def test_missing_eos_penalty_hand_values():
     np.testing.assert_allclose(out, [0.5, -0.5, -1.0, 1.0])
 
 
-def test_single_device_minibatch_loss_is_rl_ppo_loss():
-    # On one device every device share is 1, so the minibatch loss is exactly rl.ppo_loss.
+class FixedOutputs(PPOLoss):
+    """PPOLoss whose policy outputs fixed (logits, values), to compare with rl.ppo_loss by hand."""
+
+    def forward(self, params, input_ids, attention_mask):
+        return params
+
+
+def combine(means, weights):
+    """L = Σ_k w_k S_k / C_k of a loss table on one device (what train_step differentiates)."""
+    return sum(w * means[k][0] / jnp.maximum(means[k][1], 1.0) for k, w in weights)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+def test_the_minibatch_loss_table_is_rl_ppo_loss(aggregation):
     rng = np.random.default_rng(1)
     B, P, N, V = 2, 2, 3, 5
     logits = jnp.asarray(rng.normal(size=(B, P + N, V)), jnp.float32)
@@ -221,18 +245,9 @@ def test_single_device_minibatch_loss_is_rl_ppo_loss():
             kl_coef=0.1,
         )
     )(PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK, SCORES)
-    kwargs = {
-        "clip_eps": 0.2,
-        "value_clip_eps": 0.2,
-        "vf_coef": 0.1,
-        "ent_coef": 0.01,
-        "temperature": 1.0,
-    }
-    loss, metrics = jax.jit(
-        lambda exp: ppo_minibatch_loss(
-            None, exp, None, apply=lambda params, ids, m: (logits, values), **kwargs
-        )
-    )(exp)
+    loss = FixedOutputs(graphdef=None, clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1,
+                        ent_coef=0.01, temperature=1.0, aggregation=aggregation)  # fmt: skip
+    means = jax.jit(lambda exp: loss((logits, values), exp))(exp)
     sl = slice(P - 1, P - 1 + N)
     expected, parts = jax.jit(
         lambda: rl.ppo_loss(
@@ -248,14 +263,29 @@ def test_single_device_minibatch_loss_is_rl_ppo_loss():
             value_clip_eps=0.2,
             vf_coef=0.1,
             ent_coef=0.01,
+            aggregation=aggregation,
         )
     )()
-    np.testing.assert_allclose(loss, expected, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(metrics["loss/policy_avg"], parts["policy"], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(metrics["loss/value_avg"], parts["value"], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(metrics["policy/entropy_avg"], parts["entropy"], rtol=1e-6)
+
+    def mean(name):
+        return float(means[name][0] / means[name][1])
+
+    np.testing.assert_allclose(combine(means, loss.weights), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(mean("loss/policy_avg"), parts["policy"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(mean("loss/value_avg"), parts["value"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(mean("policy/entropy_avg"), parts["entropy"], rtol=1e-6)
     assert float(parts["value"]) > 0.01 and abs(float(parts["policy"])) > 1e-3  # non-trivial
-    assert float(metrics["val/ratio"]) != 1.0
+    assert mean("val/ratio") != 1.0
+    # trl's clipfrac: tokens where the min takes the clipped term (NumPy oracle).
+    lp = np.asarray(rl.token_logprobs(logits[:, sl], RESPONSE_IDS))
+    ratio = np.exp(lp - np.asarray(exp.logprobs))
+    adv, m = np.asarray(exp.advantages), np.asarray(RESPONSE_MASK)
+    taken = (-adv * np.clip(ratio, 0.8, 1.2)) > (-adv * ratio)
+    np.testing.assert_allclose(mean("policy/clipfrac_avg"), (taken * m).sum() / m.sum(), rtol=1e-6)
+    outside = np.abs(ratio - 1) > 0.2
+    np.testing.assert_allclose(
+        mean("policy/ratio_outside_clip_avg"), (outside * m).sum() / m.sum(), rtol=1e-6
+    )
 
 
 def test_prompt_batches_cover_each_shuffle_and_are_reproducible():
@@ -290,6 +320,9 @@ def test_init_policy_copies_the_sft_model():
     assert all(jax.tree.leaves(trunk))
     assert separate.critic.model.wte.embedding is not separate.lm.model.wte.embedding
     assert set(tu.nnx.state(separate, tu.nnx.Param).keys()) == {"lm", "critic"}
+    # A fresh value head starts at zero: V = 0 everywhere before the first update.
+    for head in (shared.value_head, separate.critic.value_head):
+        assert not np.any(np.asarray(head.kernel[...])) and not np.any(np.asarray(head.bias[...]))
     # The separate critic answers like an ActorCritic: (logits of the actor, values of the critic).
     ids, mask = (jnp.asarray(a) for a in tu.tiny_prompts(num=2))
     graphdef, state = tu.nnx.split(separate)
@@ -316,3 +349,50 @@ def test_ppo_raises_the_reward():
             assert math.isfinite(m[name]), name
     # Each update starts at the rollout policy: the first minibatch has ratio exactly 1.
     assert all(0.5 < m["val/ratio"] < 1.5 for m in history)
+
+
+def test_a_critic_from_the_reward_model_starts_with_its_scores():
+    from jaxrlhf.train import reward_model_from_policy
+
+    sft = tu.CausalLM(tu.tiny_config(), rngs=tu.nnx.Rngs(0))
+    rm = reward_model_from_policy(tu.CausalLM(tu.tiny_config(), rngs=tu.nnx.Rngs(5)), seed=3)
+    policy = init_policy(sft, separate_critic=True, critic_init=rm, rngs=tu.nnx.Rngs(1))
+    ids, mask = (jnp.asarray(a) for a in tu.tiny_prompts(num=3))
+    # V(sₜ) = the reward model's head applied at every position (its score where the text ends).
+    np.testing.assert_allclose(policy.critic(ids, mask), rm.token_scores(ids, mask), rtol=1e-6)
+    with pytest.raises(ValueError, match="separate_critic"):
+        init_policy(sft, critic_init=rm, rngs=tu.nnx.Rngs(1))
+
+
+def test_from_sft_builds_the_run_the_config_describes():
+    from jaxrlhf.train import reward_model_from_policy
+
+    ids, mask = tu.tiny_prompts()
+    sft = tu.CausalLM(tu.tiny_config(), rngs=tu.nnx.Rngs(0))
+    rm = reward_model_from_policy(sft, seed=0)
+    config = tu.tiny_ppo_config(separate_critic=True, critic_init="reward_model")
+    trainer = PPOTrainer.from_sft(config, sft, ids, mask, reward_model=rm, eos_token_id=tu.EOS)
+    policy = trainer.policy()
+    assert isinstance(policy, PolicyWithCritic)
+    np.testing.assert_array_equal(policy.critic.value_head.kernel[...], rm.score.kernel[...])
+    shared = PPOTrainer.from_sft(tu.tiny_ppo_config(), sft, ids, mask, reward_model=rm)
+    assert not isinstance(shared.policy(), PolicyWithCritic)
+    with pytest.raises(ValueError, match="separate_critic = False but the policy is a Policy"):
+        PPOTrainer(tu.tiny_ppo_config(), policy, sft, tu.target_fraction_reward, ids, mask)
+    with pytest.raises(ValueError, match="exactly one of reward_model and reward_fn"):
+        PPOTrainer.from_sft(config, sft, ids, mask)
+
+
+def test_the_missing_eos_penalty_reaches_the_scores():
+    # Every response of a 1-token budget that is not EOS is penalised by exactly 1.
+    config = tu.tiny_ppo_config(max_new_tokens=1, missing_eos_penalty=1.0, num_iterations=1)
+    zero = lambda prompt_ids, prompt_mask, rollout: jnp.zeros(prompt_ids.shape[0])
+    trainer = tu.tiny_trainer(config, reward_fn=zero)
+    metrics = trainer.step()
+    eos_fraction = metrics["val/num_eos_tokens"] / config.batch_size
+    np.testing.assert_allclose(metrics["objective/scores"], -(1.0 - eos_fraction), rtol=1e-6)
+    with pytest.warns(UserWarning, match="no EOS token"):
+        PPOTrainer.from_sft(
+            config, tu.CausalLM(tu.tiny_config(), rngs=tu.nnx.Rngs(0)), *tu.tiny_prompts(),
+            reward_fn=zero,
+        )  # fmt: skip

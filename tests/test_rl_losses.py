@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import jax.test_util
 import numpy as np
 import pytest
@@ -18,12 +19,18 @@ from rl_utils import (
 )
 
 from jaxrlhf.rl import (
+    MAX_LOG_RATIO,
     aggregate,
+    aggregate_terms,
     bradley_terry_loss,
+    clip_fraction,
+    clipped_surrogate,
+    kl_estimate,
     masked_mean,
     ppo_loss,
     ppo_policy_loss,
     value_loss,
+    value_loss_terms,
 )
 
 policy_fns = jit_and_not(ppo_policy_loss, "clip_eps", "aggregation")
@@ -233,3 +240,70 @@ def test_aggregate_hand(fn):
     close(fn(x, mask, aggregation="token_mean"), 2.5)
     close(fn(x, mask, aggregation="seq_mean_token_mean"), 3.0)
     close(fn(x, mask, aggregation="seq_mean_token_sum"), 5.0)
+
+
+# ----------------------------------------------------------------------------- clip indicators
+
+
+@pytest.mark.parametrize("fn", jit_and_not(clipped_surrogate, "clip_eps"))
+def test_clipped_surrogate_marks_where_the_clip_cuts_the_gradient(fn):
+    # The table above: a (ρ=1.5, Â=+1) and d (ρ=0.5, Â=−2) take the clipped term; b (ρ=0.5, Â=+1:
+    # the unclipped term is the smaller one) and c (inside) do not. trl's clipfrac counts a and d.
+    # The |ρ − 1| > ε count of rl.clip_fraction would also count b.
+    logprobs = f32(np.log([[1.5, 0.5, 1.1], [0.5, 7.0, 7.0]]))
+    advantages = f32([[1.0, 1.0, -1.0], [-2.0, 3.0, 3.0]])
+    mask = f32([[1, 1, 1], [1, 0, 0]])
+    loss, clipped = fn(logprobs, np.zeros_like(logprobs), advantages, mask, clip_eps=0.2)
+    close(loss, [[-1.2, -0.5, 1.1], [1.6, 0.0, 0.0]])
+    close(clipped, [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert float(clip_fraction(logprobs, np.zeros_like(logprobs), mask, clip_eps=0.2)) == 0.75
+
+
+def test_value_loss_terms_mark_where_the_clipped_error_is_larger():
+    # V_old = 0, ε = 0.2, R = 1: V = 0.5 clips to 0.2 → (0.2−1)² = 0.64 > 0.25: clipped term taken.
+    # V = −0.1 stays inside → both errors 1.21: not clipped. Masked entry: 0 in both outputs.
+    values, old, returns = f32([[0.5, -0.1, 9.0]]), f32([[0.0, 0.0, 0.0]]), f32([[1.0, 1.0, 1.0]])
+    loss, clipped = value_loss_terms(values, old, returns, f32([[1, 1, 0]]), clip_eps=0.2)
+    close(loss, [[0.64, 1.21, 0.0]])
+    close(clipped, [[1.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+def test_aggregate_terms_add_across_a_split_batch(aggregation):
+    # (sum, count) of two halves add up to the whole batch's: what data parallelism relies on.
+    rng = np.random.default_rng(0)
+    x, mask = f32(rng.normal(size=(4, 5))), random_mask(rng, (4,), 5)
+    whole = aggregate_terms(x, mask, aggregation=aggregation)
+    halves = [
+        aggregate_terms(x[i : i + 2], mask[i : i + 2], aggregation=aggregation) for i in (0, 2)
+    ]
+    close(whole[0], halves[0][0] + halves[1][0])
+    close(whole[1], halves[0][1] + halves[1][1])
+    close(whole[0] / whole[1], aggregate(x, mask, aggregation=aggregation))
+
+
+# ----------------------------------------------------------------------------- overflow guard
+
+
+def test_an_extreme_log_ratio_leaves_the_loss_and_its_gradient_finite():
+    # One stray token with log π − log π_old = 1000 (e.g. a numerical accident): without the clamp
+    # ρ = inf, the loss is inf and the gradient NaN.
+    logprobs = f32([[1000.0, 0.0, -1000.0]])
+    old, mask = np.zeros_like(logprobs), f32([[1, 1, 1]])
+    advantages = f32([[-1.0, 1.0, 1.0]])
+
+    def total(lp):
+        return ppo_policy_loss(lp, old, advantages, mask, clip_eps=0.2) + jnp.sum(
+            kl_estimate(lp, old, kind="k3")
+        )
+
+    value, grad = jax.value_and_grad(total)(logprobs)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+    # The clamp sits at ±MAX_LOG_RATIO: the first token's ratio is e^20, so its loss is e^20 / 3.
+    close(
+        ppo_policy_loss(logprobs, old, advantages, mask, clip_eps=0.2),
+        (math.exp(MAX_LOG_RATIO) - 1.0) / 3,
+        rtol=1e-5,
+    )
+    close(kl_estimate(f32([[-1000.0]]), f32([[0.0]]), kind="k3"),
+          [[math.expm1(MAX_LOG_RATIO) - MAX_LOG_RATIO]], rtol=1e-5)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Shared fixtures for the PPO / parallel / checkpoint tests: tiny models, prompts, a token reward."""
+"""Shared fixtures for the PPO / train-step / checkpoint tests: tiny models, prompts, a token reward."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.models import CausalLM, ModelConfig
-from jaxrlhf.train.ppo import PPOConfig, PPOTrainer, init_policy
+from jaxrlhf.train import PPOConfig, PPOTrainer, init_policy
 
 VOCAB = 16
 EOS = 1
@@ -65,6 +65,7 @@ def tiny_ppo_config(**overrides) -> PPOConfig:
         "learning_rate": 3e-3,
         "lr_schedule": "constant",
         "kl_coef": 0.01,
+        "missing_eos_penalty": None,  # the toy reward is the whole signal
         "seed": 0,
     }
     fields.update(overrides)
@@ -72,21 +73,17 @@ def tiny_ppo_config(**overrides) -> PPOConfig:
 
 
 def tiny_trainer(config: PPOConfig, *, seed: int = 0, policy_seed=None, reward_fn=None):
-    """A PPOTrainer on tiny models; ``policy_seed`` re-initialises the policy (not the reference)."""
-    policy, reference = tiny_models(seed, separate_critic=config.separate_critic)
-    if policy_seed is not None:
-        policy, _ = tiny_models(policy_seed, separate_critic=config.separate_critic)
+    """PPOTrainer.from_sft on a tiny random 'SFT' model; ``policy_seed`` re-initialises the policy
+    (not the reference), through the lower-level constructor."""
     ids, mask = tiny_prompts()
-    return PPOTrainer(
-        config,
-        policy,
-        reference,
-        reward_fn or target_fraction_reward,
-        ids,
-        mask,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-    )
+    kwargs = {"eos_token_id": EOS, "pad_token_id": PAD}
+    reward_fn = reward_fn or target_fraction_reward
+    if policy_seed is None:
+        sft = CausalLM(tiny_config(), rngs=nnx.Rngs(seed))
+        return PPOTrainer.from_sft(config, sft, ids, mask, reward_fn=reward_fn, **kwargs)
+    _, reference = tiny_models(seed, separate_critic=config.separate_critic)
+    policy, _ = tiny_models(policy_seed, separate_critic=config.separate_critic)
+    return PPOTrainer(config, policy, reference, reward_fn, ids, mask, **kwargs)
 
 
 def replace(config, **changes):
@@ -126,6 +123,7 @@ def learning_config(**overrides) -> PPOConfig:
         "adaptive_kl": True,
         "kl_target": 1.0,
         "kl_horizon": 200.0,
+        "missing_eos_penalty": None,
         "seed": 0,
     }
     fields.update(overrides)

@@ -1,6 +1,9 @@
-"""Preference and prompt datasets (loading, validation, chat rendering, padding) and the demo task."""
+"""Preference and prompt datasets (loading, validation, chat rendering, padding) and the demo task.
 
-from jaxrlhf.data.demo_task import DemoTask, build_demo_task, collect_preferences, gold_reward
+Collecting preference pairs from a policy is :mod:`jaxrlhf.collect`.
+"""
+
+from jaxrlhf.data.demo_task import DemoTask, build_demo_task, gold_reward
 from jaxrlhf.data.preference import (
     DataConfig,
     DataError,
@@ -23,7 +26,6 @@ __all__ = [
     "PairBatch",
     "PromptBatch",
     "build_demo_task",
-    "collect_preferences",
     "gold_reward",
     "iterate_batches",
     "load_dataset_file",

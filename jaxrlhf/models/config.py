@@ -83,6 +83,12 @@ class ModelConfig:
         # Fields left to their None default and filled in below; replace() recomputes them.
         derived = ("num_kv_heads", "head_dim", "intermediate_size", "hidden_act", "hf_model_type")
         object.__setattr__(self, "_derived", tuple(n for n in derived if getattr(self, n) is None))
+        self._check_shapes()
+        self._check_hyperparameters()
+        self._check_hf_metadata()
+
+    def _check_shapes(self):
+        """family, sizes, heads and widths; fills num_kv_heads, head_dim, intermediate_size."""
         if self.family not in FAMILIES:
             raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got {self.family!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
@@ -115,6 +121,10 @@ class ModelConfig:
             object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
         if self.intermediate_size <= 0:
             raise ValueError("ModelConfig.intermediate_size must be positive")
+
+    def _check_hyperparameters(self):
+        """Positions, norm, activation, RoPE, tying, dropout, dtype, init; fills hidden_act and
+        normalises rope_scaling."""
         if self.max_position_embeddings <= 0:
             raise ValueError("ModelConfig.max_position_embeddings must be positive")
         if not self.norm_eps > 0:
@@ -137,6 +147,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not self.initializer_range > 0:
             raise ValueError("ModelConfig.initializer_range must be > 0")
+
+    def _check_hf_metadata(self):
+        """hf_model_type (filled from family) and the special token ids."""
         if self.hf_model_type is None:
             object.__setattr__(self, "hf_model_type", self.family)
         if HF_MODEL_TYPES.get(self.hf_model_type) != self.family:
@@ -166,89 +179,18 @@ class ModelConfig:
         """Build a ModelConfig from an HF config dict, a config.json path or a checkpoint directory.
 
         ``overrides`` replace fields after conversion (e.g. ``dtype="bfloat16"``, ``dropout=0.1``).
-        Dropout is 0.0 unless overridden, whatever the checkpoint's *_pdrop says.
+        Dropout is 0.0 unless overridden, whatever the checkpoint's *_pdrop says. Errors name the
+        offending field and, when the config was read from a file, start with that file's path.
         """
-        if not isinstance(config, dict):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"no config.json at {path}")
-            with open(path) as f:
-                config = json.load(f)
-        model_type = config.get("model_type")
-        if model_type not in HF_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported architecture: model_type={model_type!r} "
-                f"(architectures={config.get('architectures')}); supported model types: "
-                f"{sorted(HF_MODEL_TYPES)}"
-            )
-        common = {
-            "vocab_size": config["vocab_size"],
-            "initializer_range": config.get("initializer_range", 0.02),
-            "hf_model_type": model_type,
-            "pad_token_id": _single_id(config.get("pad_token_id")),
-            "bos_token_id": _single_id(config.get("bos_token_id")),
-            "eos_token_id": _single_id(config.get("eos_token_id")),
-        }
-        if model_type == "gpt2":
-            if config.get("scale_attn_by_inverse_layer_idx", False):
-                raise ValueError("unsupported gpt2 config: scale_attn_by_inverse_layer_idx=True")
-            if not config.get("scale_attn_weights", True):
-                raise ValueError("unsupported gpt2 config: scale_attn_weights=False")
-            if config.get("add_cross_attention", False):
-                raise ValueError("unsupported gpt2 config: add_cross_attention=True")
-            if not config.get("tie_word_embeddings", True):
-                raise ValueError("unsupported gpt2 config: tie_word_embeddings=False")
-            kwargs = {
-                "family": "gpt2",
-                "hidden_size": config["n_embd"],
-                "num_layers": config["n_layer"],
-                "num_heads": config["n_head"],
-                "intermediate_size": config.get("n_inner"),
-                "max_position_embeddings": config.get("n_positions", 1024),
-                "norm_eps": config.get("layer_norm_epsilon", 1e-5),
-                "hidden_act": config.get("activation_function", "gelu_new"),
-                "tie_word_embeddings": True,
-            }
-        else:
-            rope = dict(config.get("rope_parameters") or {})
-            if config.get("rope_scaling"):  # transformers 4.x layout
-                rope.update(config["rope_scaling"])
-            rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if model_type == "qwen2" and config.get("use_sliding_window", False):
-                raise ValueError("unsupported qwen2 config: use_sliding_window=True")
-            if model_type == "mistral" and config.get("sliding_window") is not None:
-                warnings.warn(
-                    f"mistral sliding_window={config['sliding_window']} is not implemented: attention is "
-                    "full, which is exact only for sequences no longer than the window",
-                    stacklevel=2,
-                )
-            num_heads = config["num_attention_heads"]
-            kwargs = {
-                "family": "llama",
-                "hidden_size": config["hidden_size"],
-                "num_layers": config["num_hidden_layers"],
-                "num_heads": num_heads,
-                "num_kv_heads": config.get("num_key_value_heads") or num_heads,
-                "head_dim": config.get("head_dim"),
-                "intermediate_size": config["intermediate_size"],
-                "max_position_embeddings": config.get("max_position_embeddings", 2048),
-                "norm_eps": config.get("rms_norm_eps", 1e-6),
-                "hidden_act": config.get("hidden_act", "silu"),
-                "rope_theta": float(rope_theta),
-                "rope_scaling": None if rope_type == "default" else rope,
-                "tie_word_embeddings": config.get("tie_word_embeddings", False),
-                "attention_bias": True
-                if model_type == "qwen2"
-                else config.get("attention_bias", False),
-                "attention_out_bias": config.get("attention_bias", False)
-                if model_type == "llama"
-                else False,
-                "mlp_bias": config.get("mlp_bias", False) if model_type == "llama" else False,
-            }
-        return cls(**{**common, **kwargs, **overrides})
+        config, path = _read_hf_config(config)
+        try:
+            return cls(**{**_fields_from_hf(config), **overrides})
+        except (KeyError, ValueError) as error:
+            if path is None:
+                raise
+            if isinstance(error, KeyError):
+                raise KeyError(f"{path}: missing field {error.args[0]!r}") from error
+            raise ValueError(f"{path}: {error}") from error
 
     def to_hf(self, *, architecture: str = "CausalLM") -> dict[str, Any]:
         """The HF config.json dict of this model; ``architecture`` is "CausalLM" or
@@ -257,13 +199,8 @@ class ModelConfig:
             raise ValueError(
                 f"architecture must be CausalLM or SequenceClassification, got {architecture!r}"
             )
-        class_prefix = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
-        if self.hf_model_type == "gpt2" and architecture == "CausalLM":
-            arch = "GPT2LMHeadModel"
-        else:
-            arch = f"{class_prefix[self.hf_model_type]}For{architecture}"
         out: dict[str, Any] = {
-            "architectures": [arch],
+            "architectures": [_hf_architecture(self.hf_model_type, architecture)],
             "model_type": self.hf_model_type,
             "vocab_size": self.vocab_size,
             "initializer_range": self.initializer_range,
@@ -274,61 +211,201 @@ class ModelConfig:
             "torch_dtype": self.dtype,
             "dtype": self.dtype,
         }
-        if self.family == "gpt2":
-            out.update(
-                n_embd=self.hidden_size,
-                n_layer=self.num_layers,
-                n_head=self.num_heads,
-                n_inner=self.intermediate_size,
-                n_positions=self.max_position_embeddings,
-                layer_norm_epsilon=self.norm_eps,
-                activation_function=self.hidden_act,
-                attn_pdrop=self.dropout,
-                embd_pdrop=self.dropout,
-                resid_pdrop=self.dropout,
-                scale_attn_weights=True,
-                scale_attn_by_inverse_layer_idx=False,
-                reorder_and_upcast_attn=False,
-            )
-        else:
-            if self.hf_model_type == "qwen2" and (
-                not self.attention_bias or self.attention_out_bias or self.mlp_bias
-            ):
-                raise ValueError("a qwen2 export needs attention_bias=True and no other biases")
-            if self.hf_model_type == "llama" and self.attention_bias != self.attention_out_bias:
-                raise ValueError(
-                    "a llama export needs attention_bias == attention_out_bias (HF has one flag); "
-                    "use hf_model_type='qwen2' for q/k/v-only biases"
-                )
-            if self.hf_model_type == "mistral" and (
-                self.attention_bias or self.attention_out_bias or self.mlp_bias
-            ):
-                raise ValueError("a mistral export cannot have biases")
-            rope = {"rope_type": "default", "rope_theta": self.rope_theta}
-            if self.rope_scaling is not None:
-                rope.update(self.rope_scaling_dict)
-            out.update(
-                hidden_size=self.hidden_size,
-                num_hidden_layers=self.num_layers,
-                num_attention_heads=self.num_heads,
-                num_key_value_heads=self.num_kv_heads,
-                head_dim=self.head_dim,
-                intermediate_size=self.intermediate_size,
-                max_position_embeddings=self.max_position_embeddings,
-                rms_norm_eps=self.norm_eps,
-                hidden_act=self.hidden_act,
-                rope_parameters=rope,
-                attention_dropout=self.dropout,
-            )
-            if self.hf_model_type == "llama":
-                out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
-            if self.hf_model_type == "qwen2":
-                out.update(use_sliding_window=False, sliding_window=None)
-            if self.hf_model_type == "mistral":
-                out.update(sliding_window=None)
+        out.update(_TO_HF[self.family](self))
         if architecture == "SequenceClassification":
             out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         return out
+
+
+# ----------------------------------------------------------------------------- HF config.json → fields
+
+
+def _read_hf_config(config: dict | str | os.PathLike) -> tuple[dict, str | None]:
+    """The config dict and the config.json it was read from (None when given a dict)."""
+    if isinstance(config, dict):
+        return config, None
+    path = os.fspath(config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no config.json at {path}")
+    with open(path) as f:
+        return json.load(f), path
+
+
+def _fields_from_hf(config: dict) -> dict[str, Any]:
+    """ModelConfig fields of an HF config dict: the shared ones, then those of its family."""
+    model_type = config.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported architecture: model_type={model_type!r} "
+            f"(architectures={config.get('architectures')}); supported model types: "
+            f"{sorted(HF_MODEL_TYPES)}"
+        )
+    common = {
+        "vocab_size": config["vocab_size"],
+        "initializer_range": config.get("initializer_range", 0.02),
+        "hf_model_type": model_type,
+        "pad_token_id": _single_id(config.get("pad_token_id")),
+        "bos_token_id": _single_id(config.get("bos_token_id")),
+        "eos_token_id": _single_id(config.get("eos_token_id")),
+    }
+    return {**common, **_FROM_HF[HF_MODEL_TYPES[model_type]](config)}
+
+
+def _gpt2_from_hf(config: dict) -> dict[str, Any]:
+    """Fields of a GPT-2 config.json (n_embd, n_layer, ...); refuses attention variants we lack."""
+    if config.get("scale_attn_by_inverse_layer_idx", False):
+        raise ValueError("unsupported gpt2 config: scale_attn_by_inverse_layer_idx=True")
+    if not config.get("scale_attn_weights", True):
+        raise ValueError("unsupported gpt2 config: scale_attn_weights=False")
+    if config.get("add_cross_attention", False):
+        raise ValueError("unsupported gpt2 config: add_cross_attention=True")
+    if not config.get("tie_word_embeddings", True):
+        raise ValueError("unsupported gpt2 config: tie_word_embeddings=False")
+    return {
+        "family": "gpt2",
+        "hidden_size": config["n_embd"],
+        "num_layers": config["n_layer"],
+        "num_heads": config["n_head"],
+        "intermediate_size": config.get("n_inner"),
+        "max_position_embeddings": config.get("n_positions", 1024),
+        "norm_eps": config.get("layer_norm_epsilon", 1e-5),
+        "hidden_act": config.get("activation_function", "gelu_new"),
+        "tie_word_embeddings": True,
+    }
+
+
+def _llama_from_hf(config: dict) -> dict[str, Any]:
+    """Fields of a Llama, Qwen2 or Mistral config.json."""
+    model_type = config["model_type"]
+    if model_type == "qwen2" and config.get("use_sliding_window", False):
+        raise ValueError("unsupported qwen2 config: use_sliding_window=True")
+    if model_type == "mistral" and config.get("sliding_window") is not None:
+        warnings.warn(
+            f"mistral sliding_window={config['sliding_window']} is not implemented: attention is "
+            "full, which is exact only for sequences no longer than the window",
+            stacklevel=4,  # the caller of ModelConfig.from_hf
+        )
+    num_heads = config["num_attention_heads"]
+    return {
+        "family": "llama",
+        "hidden_size": config["hidden_size"],
+        "num_layers": config["num_hidden_layers"],
+        "num_heads": num_heads,
+        "num_kv_heads": config.get("num_key_value_heads") or num_heads,
+        "head_dim": config.get("head_dim"),
+        "intermediate_size": config["intermediate_size"],
+        "max_position_embeddings": config.get("max_position_embeddings", 2048),
+        "norm_eps": config.get("rms_norm_eps", 1e-6),
+        "hidden_act": config.get("hidden_act", "silu"),
+        **_rope_from_hf(config),
+        "tie_word_embeddings": config.get("tie_word_embeddings", False),
+        **_llama_biases_from_hf(config),
+    }
+
+
+def _rope_from_hf(config: dict) -> dict[str, Any]:
+    """rope_theta and rope_scaling from transformers 5.x's rope_parameters or 4.x's rope_theta +
+    rope_scaling (the 4.x keys win)."""
+    rope = dict(config.get("rope_parameters") or {})
+    if config.get("rope_scaling"):  # transformers 4.x layout
+        rope.update(config["rope_scaling"])
+    rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    return {
+        "rope_theta": float(rope_theta),
+        "rope_scaling": None if rope_type == "default" else rope,
+    }
+
+
+def _llama_biases_from_hf(config: dict) -> dict[str, bool]:
+    """Llama has attention_bias (q/k/v and output) and mlp_bias; Qwen2 always has q/k/v biases only;
+    Mistral has none."""
+    model_type = config["model_type"]
+    llama = model_type == "llama"
+    return {
+        "attention_bias": True if model_type == "qwen2" else config.get("attention_bias", False),
+        "attention_out_bias": config.get("attention_bias", False) if llama else False,
+        "mlp_bias": config.get("mlp_bias", False) if llama else False,
+    }
+
+
+# ----------------------------------------------------------------------------- fields → HF config.json
+
+
+def _hf_architecture(hf_model_type: str, architecture: str) -> str:
+    """The HF class name, e.g. GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForSequenceClassification."""
+    if hf_model_type == "gpt2" and architecture == "CausalLM":
+        return "GPT2LMHeadModel"
+    class_prefix = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+    return f"{class_prefix[hf_model_type]}For{architecture}"
+
+
+def _gpt2_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The GPT-2 keys of config.json."""
+    return {
+        "n_embd": config.hidden_size,
+        "n_layer": config.num_layers,
+        "n_head": config.num_heads,
+        "n_inner": config.intermediate_size,
+        "n_positions": config.max_position_embeddings,
+        "layer_norm_epsilon": config.norm_eps,
+        "activation_function": config.hidden_act,
+        "attn_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "resid_pdrop": config.dropout,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+    }
+
+
+def _llama_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The keys of a Llama, Qwen2 or Mistral config.json (per config.hf_model_type)."""
+    _check_llama_export_biases(config)
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope.update(config.rope_scaling_dict)
+    out = {
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.norm_eps,
+        "hidden_act": config.hidden_act,
+        "rope_parameters": rope,
+        "attention_dropout": config.dropout,
+    }
+    if config.hf_model_type == "llama":
+        out.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+    if config.hf_model_type == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None)
+    if config.hf_model_type == "mistral":
+        out.update(sliding_window=None)
+    return out
+
+
+def _check_llama_export_biases(config: ModelConfig) -> None:
+    """Each HF model type can express only some of our three bias flags."""
+    biases = (config.attention_bias, config.attention_out_bias, config.mlp_bias)
+    if config.hf_model_type == "qwen2" and (not biases[0] or any(biases[1:])):
+        raise ValueError("a qwen2 export needs attention_bias=True and no other biases")
+    if config.hf_model_type == "llama" and config.attention_bias != config.attention_out_bias:
+        raise ValueError(
+            "a llama export needs attention_bias == attention_out_bias (HF has one flag); "
+            "use hf_model_type='qwen2' for q/k/v-only biases"
+        )
+    if config.hf_model_type == "mistral" and any(biases):
+        raise ValueError("a mistral export cannot have biases")
+
+
+# One converter per family in each direction (Qwen2 and Mistral are read and written as llama).
+_FROM_HF = {"gpt2": _gpt2_from_hf, "llama": _llama_from_hf}
+_TO_HF = {"gpt2": _gpt2_to_hf, "llama": _llama_to_hf}
 
 
 def _single_id(value):

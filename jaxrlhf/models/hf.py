@@ -259,26 +259,38 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, pad_token
         config = config.replace(pad_token_id=int(pad_token_id))
     hf_config = config.to_hf(architecture=architecture)
     if architecture == "SequenceClassification":
-        if config.pad_token_id is None:
-            raise ValueError(
-                f"saving a {type(model).__name__} needs a pad token id (HF reads the score at the last "
-                "non-pad token): pass pad_token_id= or tokenizer=, or set config.pad_token_id"
-            )
-        if config.eos_token_id is not None and config.eos_token_id == config.pad_token_id:
+        _check_score_export(model, config, tensors, hf_config)
+    _write_checkpoint(path, tensors, hf_config, tokenizer)
+
+
+def _check_score_export(model, config, tensors: dict, hf_config: dict) -> None:
+    """A *ForSequenceClassification export needs a pad token id; warn where transformers' scores
+    will differ from ours, and record a non-zero score bias in ``hf_config``."""
+    if config.pad_token_id is None:
+        raise ValueError(
+            f"saving a {type(model).__name__} needs a pad token id (HF reads the score at the last "
+            "non-pad token): pass pad_token_id= or tokenizer=, or set config.pad_token_id"
+        )
+    if config.eos_token_id is not None and config.eos_token_id == config.pad_token_id:
+        warnings.warn(
+            "pad_token_id == eos_token_id: transformers will read the score before a final EOS, "
+            "jaxrlhf at it; use a distinct pad token for identical scores",
+            stacklevel=3,  # the caller of save_pretrained
+        )
+    if "score.bias" in tensors:
+        bias = float(np.asarray(tensors["score.bias"], np.float32)[0])
+        hf_config[SCORE_BIAS_KEY] = bias
+        if isinstance(model, RewardModel):
             warnings.warn(
-                "pad_token_id == eos_token_id: transformers will read the score before a final EOS, "
-                "jaxrlhf at it; use a distinct pad token for identical scores",
-                stacklevel=2,
+                f"the reward head has bias {bias:g}; transformers' score head has no bias, so its "
+                "scores will be this much lower (jaxrlhf.from_pretrained restores it)",
+                stacklevel=3,  # the caller of save_pretrained
             )
-        if "score.bias" in tensors:
-            bias = float(np.asarray(tensors["score.bias"], np.float32)[0])
-            hf_config[SCORE_BIAS_KEY] = bias
-            if isinstance(model, RewardModel):
-                warnings.warn(
-                    f"the reward head has bias {bias:g}; transformers' score head has no bias, so its "
-                    "scores will be this much lower (jaxrlhf.from_pretrained restores it)",
-                    stacklevel=2,
-                )
+
+
+def _write_checkpoint(path: str, tensors: dict, hf_config: dict, tokenizer) -> None:
+    """Write weights, config.json and tokenizer to a temporary directory next to ``path``, keep the
+    other files of an existing ``path``, and rename it into place."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)

@@ -4,14 +4,18 @@ Convention: the last axis is time ([T] for one sequence, [B, T] for a batch, any
 ``mask`` is 0/1 and marks the valid response tokens of each row as one contiguous run.
 """
 
+from jaxrlhf.rl._checks import MAX_LOG_RATIO
 from jaxrlhf.rl.kl import AdaptiveKLState, adaptive_kl_update, kl_estimate, kl_penalized_rewards
 from jaxrlhf.rl.logprobs import token_entropy, token_logprobs, trajectory_logprob
 from jaxrlhf.rl.losses import (
     aggregate,
+    aggregate_terms,
     bradley_terry_loss,
+    clipped_surrogate,
     ppo_loss,
     ppo_policy_loss,
     value_loss,
+    value_loss_terms,
 )
 from jaxrlhf.rl.returns import discounted_return, gae, reward_to_go, td_error
 from jaxrlhf.rl.stats import (
@@ -25,12 +29,15 @@ from jaxrlhf.rl.stats import (
 )
 
 __all__ = [
+    "MAX_LOG_RATIO",
     "AdaptiveKLState",
     "adaptive_kl_update",
     "aggregate",
+    "aggregate_terms",
     "approx_kl",
     "bradley_terry_loss",
     "clip_fraction",
+    "clipped_surrogate",
     "discounted_return",
     "explained_variance",
     "gae",
@@ -48,4 +55,5 @@ __all__ = [
     "token_logprobs",
     "trajectory_logprob",
     "value_loss",
+    "value_loss_terms",
 ]

@@ -5,6 +5,11 @@ from __future__ import annotations
 import chex
 import jax.numpy as jnp
 
+# log ρ is clamped to ±MAX_LOG_RATIO before exp (PPO's ratio, the k3 KL): one stray token with
+# log π − log π_old = 1000 would otherwise make ρ = inf, the loss inf and its gradient NaN.
+# e^20 ≈ 5·10⁸ is far outside any clip range, so no ordinary result changes.
+MAX_LOG_RATIO = 20.0
+
 
 def check_same_shape(*arrays) -> None:
     """All arrays have exactly the same shape, and at least one (time) axis."""

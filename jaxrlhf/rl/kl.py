@@ -11,7 +11,12 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from jaxrlhf.rl._checks import check_same_shape, last_valid_index, zero_masked
+from jaxrlhf.rl._checks import (
+    MAX_LOG_RATIO,
+    check_same_shape,
+    last_valid_index,
+    zero_masked,
+)
 
 KL_KINDS = ("k1", "k2", "k3")
 
@@ -24,7 +29,7 @@ def kl_estimate(
     With ℓ = log π(a|s) − log π_ref(a|s) and a ~ π:
       k1 = ℓ                    unbiased, can be negative, high variance
       k2 = ½ ℓ²                 biased, ≥ 0, low variance (exact to second order)
-      k3 = e^{−ℓ} − 1 + ℓ       unbiased, ≥ 0, low variance
+      k3 = e^{−ℓ} − 1 + ℓ       unbiased, ≥ 0, low variance (ℓ clamped to ±20 first)
     All three agree to first order near ℓ = 0 in expectation (Schulman 2020).
 
     Args:
@@ -38,7 +43,8 @@ def kl_estimate(
         return log_ratio
     if kind == "k2":
         return 0.5 * log_ratio**2
-    if kind == "k3":
+    if kind == "k3":  # log ratio clamped before exp (MAX_LOG_RATIO)
+        log_ratio = jnp.clip(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO)
         return jnp.expm1(-log_ratio) + log_ratio
     raise ValueError(f"kind={kind!r}: expected one of {KL_KINDS}")
 

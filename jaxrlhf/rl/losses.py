@@ -2,30 +2,78 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.rl._checks import check_same_shape, zero_masked
+from jaxrlhf.rl._checks import MAX_LOG_RATIO, check_same_shape, zero_masked
 from jaxrlhf.rl.stats import masked_mean
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
 
+def aggregate_terms(per_token: jnp.ndarray, mask: jnp.ndarray, *, aggregation: str = "token_mean"):
+    """A per-token loss [..., T] as a (sum, count) pair whose ratio is the aggregated loss.
+
+    token_mean:          (Σ m·x,                 Σ m)          every valid token weighs the same
+    seq_mean_token_mean: (Σ_seq Σₜ m·x / Σₜ m,   #sequences)   every sequence weighs the same
+    seq_mean_token_sum:  (Σ_seq Σₜ m·x,          #sequences)   long sequences weigh more
+
+    Sums and counts add across minibatch shards, so a loss split over devices is reduced by summing
+    both and dividing once (``jaxrlhf.train.state``): no per-device weighting is needed.
+    """
+    check_same_shape(per_token, mask)
+    x = zero_masked(per_token.astype(jnp.float32), mask)
+    mask = mask.astype(jnp.float32)
+    num_seqs = jnp.asarray(math.prod(mask.shape[:-1]), jnp.float32)
+    if aggregation == "token_mean":
+        return jnp.sum(x), jnp.sum(mask)
+    if aggregation == "seq_mean_token_mean":
+        return jnp.sum(jnp.sum(x, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)), num_seqs
+    if aggregation == "seq_mean_token_sum":
+        return jnp.sum(x), num_seqs
+    raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
+
+
 def aggregate(per_token: jnp.ndarray, mask: jnp.ndarray, *, aggregation: str = "token_mean"):
-    """Reduce a per-token loss [..., T] to a scalar.
+    """Reduce a per-token loss [..., T] to a scalar: sum / max(count, 1) of ``aggregate_terms``.
 
     token_mean:          Σ m·x / Σ m                 every valid token weighs the same (default)
     seq_mean_token_mean: mean_seq(Σₜ m·x / Σₜ m)      every sequence weighs the same
     seq_mean_token_sum:  mean_seq(Σₜ m·x)             long sequences weigh more (Dr. GRPO style)
     """
-    check_same_shape(per_token, mask)
-    if aggregation == "token_mean":
-        return masked_mean(per_token, mask)
-    if aggregation == "seq_mean_token_mean":
-        return jnp.mean(masked_mean(per_token, mask, axis=-1))
-    if aggregation == "seq_mean_token_sum":
-        return jnp.mean(jnp.sum(zero_masked(per_token, mask), axis=-1))
-    raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
+    total, count = aggregate_terms(per_token, mask, aggregation=aggregation)
+    return total / jnp.maximum(count, 1.0)
+
+
+def clipped_surrogate(
+    logprobs: jnp.ndarray,
+    old_logprobs: jnp.ndarray,
+    advantages: jnp.ndarray,
+    mask: jnp.ndarray,
+    *,
+    clip_eps: float,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """PPO's per-token clipped loss and where its clipped term is the one taken.
+
+    ρₜ = exp(clamp(log π_θ − log π_old, ±MAX_LOG_RATIO))
+    ℓₜ = −min(ρₜ Âₜ, clip(ρₜ, 1−ε, 1+ε) Âₜ);   clippedₜ = 1[−clip(ρₜ)Âₜ > −ρₜÂₜ]
+
+    ``clipped`` is trl's ``clipfrac`` indicator: the token's gradient is cut by the clip (e.g.
+    Â = +1, ρ = 0.7, ε = 0.2 is *not* clipped: the unclipped term is the smaller one).
+
+    Returns:
+      (ℓ [..., T], clipped [..., T] float 0/1), both 0 at masked positions.
+    """
+    check_same_shape(logprobs, old_logprobs, advantages, mask)
+    log_ratio = zero_masked(logprobs - jax.lax.stop_gradient(old_logprobs), mask)  # [..., T]
+    ratio = jnp.exp(jnp.clip(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO))
+    advantages = jax.lax.stop_gradient(zero_masked(advantages, mask))
+    unclipped = -ratio * advantages
+    clipped = -jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    was_clipped = zero_masked((clipped > unclipped).astype(jnp.float32), mask)
+    return zero_masked(jnp.maximum(unclipped, clipped), mask), was_clipped
 
 
 def ppo_policy_loss(
@@ -39,7 +87,7 @@ def ppo_policy_loss(
 ) -> jnp.ndarray:
     """PPO's clipped surrogate objective, as a loss (Schulman et al. 2017, arXiv:1707.06347).
 
-    ρₜ = exp(log π_θ(aₜ|sₜ) − log π_old(aₜ|sₜ))
+    ρₜ = exp(log π_θ(aₜ|sₜ) − log π_old(aₜ|sₜ))      (log ρ clamped to ±MAX_LOG_RATIO)
     L_policy = mean_m[ −min(ρₜ Âₜ, clip(ρₜ, 1−ε, 1+ε) Âₜ) ]
 
     The min makes the objective a pessimistic bound: moving ρ beyond 1±ε in the direction the
@@ -52,13 +100,37 @@ def ppo_policy_loss(
     Returns:
       scalar loss.
     """
-    check_same_shape(logprobs, old_logprobs, advantages, mask)
-    log_ratio = zero_masked(logprobs - jax.lax.stop_gradient(old_logprobs), mask)  # [..., T]
-    ratio = jnp.exp(log_ratio)
-    advantages = jax.lax.stop_gradient(zero_masked(advantages, mask))
-    unclipped = ratio * advantages
-    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    return aggregate(-jnp.minimum(unclipped, clipped), mask, aggregation=aggregation)
+    per_token, _ = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps)
+    return aggregate(per_token, mask, aggregation=aggregation)
+
+
+def value_loss_terms(
+    values: jnp.ndarray,
+    old_values: jnp.ndarray,
+    returns: jnp.ndarray,
+    mask: jnp.ndarray,
+    *,
+    clip_eps: float | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The critic's per-token regression loss, optionally clipped around the rollout-time values.
+
+    ℓₜ = (Vₜ − Rₜ)²;   clipped: ℓₜ = max((Vₜ − Rₜ)², (clip(Vₜ, V_oldₜ − ε, V_oldₜ + ε) − Rₜ)²)
+
+    Returns:
+      (ℓ [..., T], clipped [..., T] float 0/1: where the clipped error is the larger one), 0 where
+      masked.
+    """
+    check_same_shape(values, old_values, returns, mask)
+    values = zero_masked(values, mask)
+    returns = jax.lax.stop_gradient(zero_masked(returns, mask))
+    loss = (values - returns) ** 2  # [..., T]
+    was_clipped = jnp.zeros_like(loss)
+    if clip_eps is not None:
+        old_values = jax.lax.stop_gradient(zero_masked(old_values, mask))
+        clipped = (old_values + jnp.clip(values - old_values, -clip_eps, clip_eps) - returns) ** 2
+        was_clipped = (clipped > loss).astype(jnp.float32)
+        loss = jnp.maximum(loss, clipped)
+    return zero_masked(loss, mask), zero_masked(was_clipped, mask)
 
 
 def value_loss(
@@ -75,8 +147,8 @@ def value_loss(
     L_value = mean_m[(V − R)²]
     clipped:  mean_m[max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²)]
 
-    Note: no ½ factor (the seed's plain MSE). trl and cleanrl use ½·max(...), so their
-    ``vf_coef`` corresponds to half of ours.
+    Note: no ½ factor (the seed's plain MSE). trl and cleanrl use ½·max(...), so their ``vf_coef``
+    is twice ours for the same loss: our vf_coef = 0.1 is their 0.2.
 
     Args:
       values: [..., T] V_θ (differentiated).  old_values: [..., T] V at rollout.
@@ -84,15 +156,8 @@ def value_loss(
     Returns:
       scalar loss.
     """
-    check_same_shape(values, old_values, returns, mask)
-    values = zero_masked(values, mask)
-    returns = jax.lax.stop_gradient(zero_masked(returns, mask))
-    loss = (values - returns) ** 2  # [..., T]
-    if clip_eps is not None:
-        old_values = jax.lax.stop_gradient(zero_masked(old_values, mask))
-        clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
-        loss = jnp.maximum(loss, (clipped - returns) ** 2)
-    return aggregate(loss, mask, aggregation=aggregation)
+    per_token, _ = value_loss_terms(values, old_values, returns, mask, clip_eps=clip_eps)
+    return aggregate(per_token, mask, aggregation=aggregation)
 
 
 def ppo_loss(

@@ -63,7 +63,12 @@ def masked_whiten(
 def clip_fraction(
     logprobs: jnp.ndarray, old_logprobs: jnp.ndarray, mask: jnp.ndarray, *, clip_eps: float
 ) -> jnp.ndarray:
-    """Fraction of valid tokens whose ratio ρ = exp(logπ − logπ_old) lies outside [1−ε, 1+ε]."""
+    """Fraction of valid tokens whose ratio ρ = exp(logπ − logπ_old) lies outside [1−ε, 1+ε].
+
+    This counts every ratio outside the clip range, whichever way the advantage points; trl's
+    ``policy/clipfrac_avg`` counts only the tokens whose gradient the clip cuts (the clipped term
+    taken by the min): see ``rl.clipped_surrogate``.
+    """
     check_same_shape(logprobs, old_logprobs, mask)
     ratio = jnp.exp(zero_masked(logprobs - old_logprobs, mask))
     return masked_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32), mask)

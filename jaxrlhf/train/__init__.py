@@ -25,54 +25,52 @@ __all__ = [
     "train_sft",
 ]
 
-# PPO, the data-parallel train step and checkpoints (jaxrlhf/train/ppo.py, parallel.py, checkpoint.py).
+# The one train step (state.py), the shared loop (loop.py), PPO and checkpoints.
 from jaxrlhf.train.checkpoint import (
     all_steps,
     latest_step,
     restore_checkpoint,
     save_checkpoint,
 )
-from jaxrlhf.train.optim import learning_rate_schedule, make_optimizer
-from jaxrlhf.train.parallel import (
-    TrainState,
-    device_share,
-    make_train_step,
-    maybe_initialize_distributed,
-)
-from jaxrlhf.train.ppo import (
+from jaxrlhf.train.experience import (
     Experience,
-    PolicyWithCritic,
-    PPOConfig,
-    PPOState,
-    PPOTrainer,
     experience_metrics,
-    init_policy,
     make_experience,
     missing_eos_penalty,
-    ppo_minibatch_loss,
     reward_model_fn,
+    score_rollout,
 )
+from jaxrlhf.train.loop import LoopConfig, fit
+from jaxrlhf.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from jaxrlhf.train.ppo import PolicyWithCritic, PPOState, PPOTrainer, init_policy
+from jaxrlhf.train.ppo_config import PPOConfig
+from jaxrlhf.train.ppo_loss import PPOLoss
+from jaxrlhf.train.state import TrainState, init_train_state, make_train_step, train_step
 
 __all__ += [
     "Experience",
+    "LoopConfig",
+    "OptimizerConfig",
     "PPOConfig",
+    "PPOLoss",
     "PPOState",
     "PPOTrainer",
     "PolicyWithCritic",
     "TrainState",
     "all_steps",
-    "device_share",
     "experience_metrics",
+    "fit",
     "init_policy",
+    "init_train_state",
     "latest_step",
     "learning_rate_schedule",
     "make_experience",
     "make_optimizer",
     "make_train_step",
-    "maybe_initialize_distributed",
     "missing_eos_penalty",
-    "ppo_minibatch_loss",
     "restore_checkpoint",
     "reward_model_fn",
     "save_checkpoint",
+    "score_rollout",
+    "train_step",
 ]

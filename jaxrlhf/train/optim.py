@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optax
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -52,3 +54,32 @@ def make_optimizer(
     if max_grad_norm is None:
         return adam
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), adam)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """Everything :func:`make_optimizer` takes, as a hashable value.
+
+    Train steps take it as a static argument and build the optax transformation inside the traced
+    function, so two runs with equal settings share one compiled step (``jax.jit``'s own cache).
+    """
+
+    learning_rate: float
+    total_steps: int
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    eps: float = 1e-5
+
+    def build(self) -> optax.GradientTransformation:
+        return make_optimizer(**dataclasses.asdict(self))
+
+    def schedule_fn(self) -> optax.Schedule:
+        """η(t) of this optimiser (for logging the learning rate)."""
+        return learning_rate_schedule(
+            self.learning_rate,
+            total_steps=self.total_steps,
+            schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+        )

@@ -30,18 +30,18 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from jaxrlhf.config import option, require
-from jaxrlhf.data.preference import PairBatch, iterate_batches
+from jaxrlhf.data.preference import PairBatch
 from jaxrlhf.rl import bradley_terry_loss
-from jaxrlhf.train.optim import make_optimizer
+from jaxrlhf.train.loop import LoopConfig, fit
+from jaxrlhf.train.optim import OptimizerConfig
+from jaxrlhf.train.state import Means, init_train_state, make_train_step
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RewardConfig:
+class RewardConfig(LoopConfig):
     """Hyperparameters of reward-model training."""
 
     epochs: int = option(2, "Passes over the training pairs.")
@@ -58,6 +58,7 @@ class RewardConfig:
     seed: int = option(0, "Seed of the head initialisation, held-out split and shuffling.")
 
     def __post_init__(self):
+        super().__post_init__()
         require(self.epochs >= 1, self, "epochs", "must be >= 1")
         require(self.batch_size >= 1, self, "batch_size", "must be >= 1")
         require(self.learning_rate > 0, self, "learning_rate", "must be > 0")
@@ -72,6 +73,17 @@ class RewardConfig:
             "must be None or >= 0",
         )
         require(0 <= self.eval_fraction < 1, self, "eval_fraction", "must be in [0, 1)")
+
+    def optimizer(self, total_steps: int) -> OptimizerConfig:
+        """AdamW with cosine decay over ``total_steps`` (epochs × steps per epoch)."""
+        return OptimizerConfig(
+            learning_rate=self.learning_rate,
+            total_steps=total_steps,
+            schedule="cosine",
+            warmup_steps=min(self.warmup_steps, total_steps - 1),
+            max_grad_norm=self.max_grad_norm if self.max_grad_norm > 0 else None,
+            weight_decay=self.weight_decay,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,6 +121,36 @@ def reward_model_loss(
         "margin_mean": jnp.mean(chosen_rewards - rejected_rewards),
     }
     return loss, parts
+
+
+@dataclasses.dataclass(frozen=True)
+class BradleyTerryLoss:
+    """The reward-model loss of a RewardModel (``graphdef``) on a batch of pairs, as (sum, count)
+    terms for ``train.state.train_step``: L = mean[−log σ(r_c − r_r − m)] + c · mean[(r_c + r_r)²].
+
+    batch = (chosen_ids, chosen_mask, rejected_ids, rejected_mask [B, L], margins [B]).
+    """
+
+    graphdef: Any
+    center_rewards_coefficient: float | None = None
+
+    @property
+    def weights(self) -> tuple[tuple[str, float], ...]:
+        return (("rm/bt_loss", 1.0), ("rm/center_loss", self.center_rewards_coefficient or 0.0))
+
+    def __call__(self, params, batch) -> Means:
+        chosen_ids, chosen_mask, rejected_ids, rejected_mask, margin = batch
+        model = nnx.merge(self.graphdef, params)
+        ids = jnp.concatenate([chosen_ids, rejected_ids])  # [2B, L]  one forward pass
+        mask = jnp.concatenate([chosen_mask, rejected_mask])  # [2B, L]
+        r_c, r_r = jnp.split(model(ids, mask), 2)  # [B], [B]
+        pairs = jnp.asarray(r_c.shape[0], jnp.float32)
+        return {
+            "rm/bt_loss": (jnp.sum(-jax.nn.log_sigmoid(r_c - r_r - margin)), pairs),
+            "rm/center_loss": (jnp.sum((r_c + r_r) ** 2), pairs),
+            "rm/accuracy": (jnp.sum((r_c > r_r).astype(jnp.float32)), pairs),
+            "rm/margin": (jnp.sum(r_c - r_r), pairs),
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,6 +236,30 @@ def take_pairs(pairs: PairBatch, index: np.ndarray) -> PairBatch:
     return PairBatch(*(a[index] for a in pairs[:4]), pairs.num_truncated)
 
 
+def _split_pairs(pairs, margins, config: RewardConfig, eval_pairs):
+    """(training pairs, their margins [N], held-out pairs or None), validating the margins."""
+    n = len(pairs.chosen_ids)
+    margins = np.full(n, config.margin, np.float32) if margins is None else np.asarray(margins)
+    if margins.shape != (n,):
+        raise ValueError(f"margins: shape {margins.shape}, expected ({n},) like the pairs")
+    margins = margins.astype(np.float32)
+    if eval_pairs is None and config.eval_fraction > 0:
+        train_index, eval_index = split_indices(n, config.eval_fraction, config.seed)
+        pairs, eval_pairs = take_pairs(pairs, train_index), take_pairs(pairs, eval_index)
+        margins = margins[train_index]
+    return pairs, margins, eval_pairs
+
+
+def held_out_metrics(model, eval_pairs: PairBatch) -> dict[str, float]:
+    """Pairwise accuracy and Bradley-Terry loss (no margin) of ``model`` on held-out pairs."""
+    r_c = score(model, eval_pairs.chosen_ids, eval_pairs.chosen_mask)
+    r_r = score(model, eval_pairs.rejected_ids, eval_pairs.rejected_mask)
+    return {
+        "eval_accuracy": float(np.mean(r_c > r_r)),
+        "eval_loss": float(np.mean(np.logaddexp(0.0, -(r_c - r_r)))),
+    }
+
+
 def train_reward_model(
     reward_model,
     pairs: PairBatch,
@@ -209,79 +275,55 @@ def train_reward_model(
       reward_model: a ``jaxrlhf.models.RewardModel`` (e.g. from :func:`reward_model_from_policy`);
         not modified, a trained copy is returned.
       pairs: tokenised pairs (``jaxrlhf.data.tokenize_pairs``).
-      config: hyperparameters.
+      config: hyperparameters (and devices / checkpoints: with ``checkpoint_dir`` the run resumes
+        from the latest checkpoint there).
       margins: optional per-pair margins [N] (e.g. from a dataset's ``margin`` column); they
         replace ``config.margin``.
       eval_pairs: held-out pairs; if None, ``config.eval_fraction`` of ``pairs`` is held out.
       progress: show a tqdm progress bar.
     Returns:
-      (trained model, metrics): ``loss``, ``accuracy`` (per step, on the training batch),
-      ``eval_accuracy`` (held-out pairwise accuracy after each epoch), ``eval_loss`` (held-out
-      Bradley-Terry loss without margin, after each epoch), ``num_train_pairs``, ``num_eval_pairs``.
+      (trained model, metrics): ``loss``, ``accuracy``, ``grad_norm`` (per step, on the training
+      batch), ``eval_accuracy``, ``eval_loss`` (held-out accuracy and Bradley-Terry loss without
+      margin, after each epoch), ``num_train_pairs``, ``num_eval_pairs``.
     """
-    n = len(pairs.chosen_ids)
-    margins = np.full(n, config.margin, np.float32) if margins is None else np.asarray(margins)
-    if margins.shape != (n,):
-        raise ValueError(f"margins: shape {margins.shape}, expected ({n},) like the pairs")
-    margins = margins.astype(np.float32)
-    if eval_pairs is None and config.eval_fraction > 0:
-        train_index, eval_index = split_indices(n, config.eval_fraction, config.seed)
-        pairs, eval_pairs = take_pairs(pairs, train_index), take_pairs(pairs, eval_index)
-        margins = margins[train_index]
-    arrays = (*pairs[:4], margins)
-    steps_per_epoch = len(arrays[0]) // config.batch_size
+    pairs, margins, eval_pairs = _split_pairs(pairs, margins, config, eval_pairs)
+    steps_per_epoch = len(margins) // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
             f"RewardConfig.batch_size = {config.batch_size}: larger than the "
-            f"{len(arrays[0])} training pairs"
+            f"{len(margins)} training pairs"
         )
     total_steps = steps_per_epoch * config.epochs
-    optimizer = make_optimizer(
-        learning_rate=config.learning_rate,
-        total_steps=total_steps,
-        schedule="cosine",
-        warmup_steps=min(config.warmup_steps, total_steps - 1),
-        max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else None,
-        weight_decay=config.weight_decay,
+    graphdef, params = nnx.split(reward_model)
+    optimizer = config.optimizer(total_steps)
+    loss = BradleyTerryLoss(graphdef, config.center_rewards_coefficient)
+    evals: list[dict[str, float]] = []
+
+    def after_step(step, metrics, state):
+        if step % steps_per_epoch == 0 and eval_pairs is not None and len(eval_pairs.chosen_ids):
+            evals.append(held_out_metrics(nnx.merge(graphdef, state.params), eval_pairs))
+
+    state, history = fit(
+        make_train_step(
+            loss, optimizer, parallelism=config.parallelism, num_devices=config.num_devices
+        ),
+        init_train_state(params, optimizer),
+        (*pairs[:4], margins),
+        batch_size=config.batch_size,
+        steps=total_steps,
+        seed=config.seed,
+        config=config,
+        desc="reward model",
+        progress=progress,
+        callback=after_step,
     )
-    graphdef, params, rest = nnx.split(reward_model, nnx.Param, ...)
-    opt_state = optimizer.init(params)
-    center = config.center_rewards_coefficient
-
-    def pair_scores(params, chosen_ids, chosen_mask, rejected_ids, rejected_mask):
-        model = nnx.merge(graphdef, params, rest)
-        ids = jnp.concatenate([chosen_ids, rejected_ids])  # [2B, L]  one forward pass
-        mask = jnp.concatenate([chosen_mask, rejected_mask])  # [2B, L]
-        scores = model(ids, mask)  # [2B]
-        return jnp.split(scores, 2)  # [B], [B]
-
-    @jax.jit
-    def step(params, opt_state, chosen_ids, chosen_mask, rejected_ids, rejected_mask, margin):
-        def loss_fn(params):
-            r_c, r_r = pair_scores(params, chosen_ids, chosen_mask, rejected_ids, rejected_mask)
-            return reward_model_loss(r_c, r_r, margin=margin, center_rewards_coefficient=center)
-
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, parts
-
-    rng = np.random.default_rng(config.seed)
-    metrics: dict[str, Any] = {"loss": [], "accuracy": [], "eval_accuracy": [], "eval_loss": []}
-    bar = tqdm(total=total_steps, desc="reward model", disable=not progress, leave=False)
-    for _ in range(config.epochs):
-        for batch in iterate_batches(arrays, config.batch_size, rng):
-            params, opt_state, loss, parts = step(params, opt_state, *map(jnp.asarray, batch))
-            metrics["loss"].append(float(loss))
-            metrics["accuracy"].append(float(parts["accuracy"]))
-            bar.update()
-            bar.set_postfix(loss=f"{metrics['loss'][-1]:.3f}")
-        if eval_pairs is not None and len(eval_pairs.chosen_ids):
-            model = nnx.merge(graphdef, params, rest)
-            r_c = score(model, eval_pairs.chosen_ids, eval_pairs.chosen_mask)
-            r_r = score(model, eval_pairs.rejected_ids, eval_pairs.rejected_mask)
-            metrics["eval_accuracy"].append(float(np.mean(r_c > r_r)))
-            metrics["eval_loss"].append(float(np.mean(np.logaddexp(0.0, -(r_c - r_r)))))
-    bar.close()
-    metrics["num_train_pairs"] = len(arrays[0])
-    metrics["num_eval_pairs"] = 0 if eval_pairs is None else len(eval_pairs.chosen_ids)
-    return nnx.merge(graphdef, params, rest), metrics
+    metrics: dict[str, Any] = {
+        "loss": [m["loss"] for m in history],
+        "accuracy": [m["rm/accuracy"] for m in history],
+        "grad_norm": [m["grad_norm"] for m in history],
+        "eval_accuracy": [e["eval_accuracy"] for e in evals],
+        "eval_loss": [e["eval_loss"] for e in evals],
+        "num_train_pairs": len(margins),
+        "num_eval_pairs": 0 if eval_pairs is None else len(eval_pairs.chosen_ids),
+    }
+    return nnx.merge(graphdef, state.params), metrics

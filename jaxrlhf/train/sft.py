@@ -7,9 +7,9 @@ counts only when both it and its context token are real. This is the "SFT" stage
 (Ouyang et al. 2022, arXiv:2203.02155 §3.5): the policy that PPO starts from and the reference it
 is kept close to.
 
-The step is jitted once: the model is split into a graph definition and its parameters
-(``nnx.split``) outside ``jax.jit``, merged back inside the pure step, and the new parameters are
-returned (the Flax NNX performance-guide pattern).
+Training runs through the trainers' one train step (``jaxrlhf.train.state``): the loss is a
+:class:`NextTokenLoss`, a (sum, count) pair of the negative log-likelihood, so SFT gets the same
+data parallelism (pmap / shard_map), gradient-norm logging, buffer donation and orbax resume as PPO.
 """
 
 from __future__ import annotations
@@ -18,21 +18,19 @@ import dataclasses
 from typing import Any
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from jaxrlhf.config import option, require
-from jaxrlhf.data.preference import iterate_batches
-from jaxrlhf.rl import masked_mean, token_logprobs
-from jaxrlhf.train.optim import make_optimizer
+from jaxrlhf.rl import masked_sum, token_logprobs
+from jaxrlhf.train.loop import LoopConfig, fit
+from jaxrlhf.train.optim import OptimizerConfig
+from jaxrlhf.train.state import Means, init_train_state, make_train_step
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SFTConfig:
+class SFTConfig(LoopConfig):
     """Hyperparameters of supervised fine-tuning on a text corpus."""
 
     steps: int = option(300, "Number of optimiser steps.")
@@ -44,12 +42,24 @@ class SFTConfig:
     seed: int = option(0, "Seed of the batch shuffling.")
 
     def __post_init__(self):
+        super().__post_init__()
         require(self.steps >= 1, self, "steps", "must be >= 1")
         require(self.batch_size >= 1, self, "batch_size", "must be >= 1")
         require(self.learning_rate > 0, self, "learning_rate", "must be > 0")
         require(0 <= self.warmup_steps < self.steps, self, "warmup_steps", "must be in [0, steps)")
         require(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
         require(self.max_grad_norm >= 0, self, "max_grad_norm", "must be >= 0")
+
+    @property
+    def optimizer(self) -> OptimizerConfig:
+        return OptimizerConfig(
+            learning_rate=self.learning_rate,
+            total_steps=self.steps,
+            schedule="cosine",
+            warmup_steps=self.warmup_steps,
+            max_grad_norm=self.max_grad_norm if self.max_grad_norm > 0 else None,
+            weight_decay=self.weight_decay,
+        )
 
 
 def tiny_model_config(vocab_size: int, *, max_position_embeddings: int = 64, **overrides):
@@ -67,21 +77,39 @@ def tiny_model_config(vocab_size: int, *, max_position_embeddings: int = 64, **o
     return ModelConfig(**{**fields, **overrides})
 
 
-def next_token_loss(logits, input_ids, attention_mask):
-    """Masked next-token cross-entropy (the SFT loss in the module docstring).
+def next_token_terms(logits, input_ids, attention_mask) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(Σ −log π(x_{t+1} | x_≤t), number of predicted tokens): the SFT loss as a (sum, count) pair.
 
     Args:
       logits: [B, T, V] float32; logits[:, t] predict input_ids[:, t + 1].
       input_ids: [B, T] int.
       attention_mask: [B, T] 0/1.
-    Returns:
-      scalar mean negative log-likelihood per predicted token.
     """
     chex.assert_rank([logits, input_ids, attention_mask], [3, 2, 2])
     chex.assert_equal_shape([input_ids, attention_mask])
     logprobs = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # [B, T-1]
     mask = attention_mask[:, 1:] * attention_mask[:, :-1]  # [B, T-1]
-    return -masked_mean(logprobs, mask)
+    return -masked_sum(logprobs, mask), jnp.sum(mask.astype(jnp.float32))
+
+
+def next_token_loss(logits, input_ids, attention_mask):
+    """Masked next-token cross-entropy (the SFT loss in the module docstring): the mean negative
+    log-likelihood per predicted token (0 when no token is predicted)."""
+    total, count = next_token_terms(logits, input_ids, attention_mask)
+    return total / jnp.maximum(count, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class NextTokenLoss:
+    """The SFT loss of a CausalLM (``graphdef``) on a batch (input_ids, attention_mask)."""
+
+    graphdef: Any
+    weights: tuple[tuple[str, float], ...] = (("sft/nll", 1.0),)
+
+    def __call__(self, params, batch) -> Means:
+        ids, mask = batch
+        lm = nnx.merge(self.graphdef, params)
+        return {"sft/nll": next_token_terms(lm(ids, mask), ids, mask)}
 
 
 def train_sft(
@@ -98,10 +126,12 @@ def train_sft(
       model: a ``jaxrlhf.models.CausalLM`` (not modified; a trained copy is returned).
       input_ids: [N, T] int token ids (padded).
       attention_mask: [N, T] 0/1.
-      config: the hyperparameters.
+      config: the hyperparameters (and devices / checkpoints: a run with ``checkpoint_dir``
+        resumes from the latest checkpoint there).
       progress: show a tqdm progress bar.
     Returns:
-      (trained model, metrics) with metrics["loss"] the per-step training loss (list of floats).
+      (trained model, metrics) with metrics["loss"] the per-step training loss (list of floats)
+      and metrics["grad_norm"].
     """
     chex.assert_rank([input_ids, attention_mask], 2)
     chex.assert_equal_shape([input_ids, attention_mask])
@@ -109,40 +139,23 @@ def train_sft(
         raise ValueError(
             f"SFTConfig.batch_size = {config.batch_size}: larger than the {len(input_ids)} sequences"
         )
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    optimizer = make_optimizer(
-        learning_rate=config.learning_rate,
-        total_steps=config.steps,
-        schedule="cosine",
-        warmup_steps=config.warmup_steps,
-        max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else None,
-        weight_decay=config.weight_decay,
+    graphdef, params = nnx.split(model)
+    stepper = make_train_step(
+        NextTokenLoss(graphdef),
+        config.optimizer,
+        parallelism=config.parallelism,
+        num_devices=config.num_devices,
     )
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, opt_state, ids, mask):
-        def loss_fn(params):
-            lm = nnx.merge(graphdef, params, rest)
-            return next_token_loss(lm(ids, mask), ids, mask)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    rng = np.random.default_rng(config.seed)
-    losses: list[float] = []
-    batches = iter(())
-    bar = tqdm(range(config.steps), desc="sft", disable=not progress, leave=False)
-    for i in bar:
-        batch = next(batches, None)
-        if batch is None:  # a new epoch, reshuffled
-            batches = iterate_batches((input_ids, attention_mask), config.batch_size, rng)
-            batch = next(batches)
-        ids, mask = (jnp.asarray(x) for x in batch)
-        params, opt_state, loss = step(params, opt_state, ids, mask)
-        losses.append(float(loss))
-        if i % 20 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    return nnx.merge(graphdef, params, rest), {"loss": losses}
+    state, history = fit(
+        stepper,
+        init_train_state(params, config.optimizer),
+        (np.asarray(input_ids), np.asarray(attention_mask)),
+        batch_size=config.batch_size,
+        steps=config.steps,
+        seed=config.seed,
+        config=config,
+        desc="sft",
+        progress=progress,
+    )
+    metrics = {name: [m[name] for m in history] for name in ("loss", "grad_norm")}
+    return nnx.merge(graphdef, state.params), metrics

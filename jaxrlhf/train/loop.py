@@ -1,0 +1,135 @@
+"""What every trainer shares: the device and checkpoint settings, and the supervised training loop
+(SFT and the reward model: shuffle → minibatch → ``state.train_step``, with resume).
+
+    for step in range(state.step, steps):
+        batch = data[epoch_batches(N, batch_size, epoch, seed)[step % steps_per_epoch]]
+        state, metrics = train_step(state, batch)           # one device, pmap or shard_map
+        every checkpoint_every steps and at the end: save (state, config)
+
+Which rows a step reads is a function of (seed, step) alone, so a run resumed from a checkpoint
+continues exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxrlhf.config import option, require
+from jaxrlhf.train.checkpoint import latest_step, restore_checkpoint, save_checkpoint
+from jaxrlhf.train.state import PARALLELISM, ParallelStep, TrainState
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """Devices and checkpoints (shared by SFTConfig, RewardConfig and PPOConfig)."""
+
+    parallelism: str = option("single", "Train-step data parallelism: single | pmap | shard_map.")
+    num_devices: int | None = option(None, "Devices for pmap/shard_map (None: all local).")
+    checkpoint_dir: str | None = option(None, "Directory for orbax checkpoints (None: none).")
+    checkpoint_every: int = option(0, "Save every this many steps/iterations (0: only at the end).")
+    keep_checkpoints: int = option(2, "Most recent checkpoints to keep.")
+
+    def __post_init__(self):
+        require(
+            self.parallelism in PARALLELISM, self, "parallelism", f"must be one of {PARALLELISM}"
+        )
+        require(
+            self.num_devices is None or self.num_devices >= 1,
+            self,
+            "num_devices",
+            "must be ≥ 1 or None",
+        )
+        require(self.checkpoint_every >= 0, self, "checkpoint_every", "must be ≥ 0")
+        require(self.keep_checkpoints >= 1, self, "keep_checkpoints", "must be ≥ 1")
+
+
+LOOP_FIELDS = tuple(f.name for f in dataclasses.fields(LoopConfig))
+
+
+def resume_mismatches(config: Any, saved: dict, *, may_change: tuple[str, ...] = ()) -> list[str]:
+    """The fields (``name (checkpoint X, now Y)``) in which ``config`` differs from a checkpoint's
+    saved config, other than the device/checkpoint settings and ``may_change``."""
+    out = []
+    for field in dataclasses.fields(config):
+        if field.name in LOOP_FIELDS + may_change or field.name not in saved:
+            continue
+        now, then = getattr(config, field.name), saved[field.name]
+        if now != then:
+            out.append(f"{field.name} (checkpoint {then!r}, now {now!r})")
+    return out
+
+
+def restore_run(directory: str, target: Any, config: Any, *, may_change=()) -> Any:
+    """The latest checkpoint's state under ``directory``, refusing one saved with other settings."""
+    state, saved = restore_checkpoint(directory, target)
+    mismatches = resume_mismatches(config, saved, may_change=may_change)
+    if mismatches:
+        raise ValueError(
+            f"cannot resume from {directory!r}: the {type(config).__name__} differs from the "
+            f"checkpoint's in {', '.join(mismatches)} (start a new run in another directory, or "
+            "resume with the saved values)"
+        )
+    return state
+
+
+def epoch_batches(num_rows: int, batch_size: int, epoch: int, seed: int) -> np.ndarray:
+    """Row indices [num_rows // batch_size, batch_size] of one shuffled epoch (remainder dropped)."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    steps = num_rows // batch_size
+    return order[: steps * batch_size].reshape(steps, batch_size)
+
+
+def fit(
+    stepper: ParallelStep,
+    state: TrainState,
+    data: Any,
+    *,
+    batch_size: int,
+    steps: int,
+    seed: int,
+    config: Any,
+    desc: str,
+    progress: bool = True,
+    callback: Callable[[int, dict[str, float], TrainState], None] | None = None,
+) -> tuple[TrainState, list[dict[str, float]]]:
+    """Train from ``state`` (``state.step`` steps already done) until ``steps`` steps are done.
+
+    ``data``: a pytree of arrays with ``num_rows`` rows each. With ``config.checkpoint_dir`` the run
+    first resumes from the latest checkpoint there (refusing other settings), and saves every
+    ``config.checkpoint_every`` steps and at the end. ``callback(step, metrics, state)`` runs after
+    every step. Returns (state, the metrics of the steps run here).
+    """
+    num_rows = len(jax.tree.leaves(data)[0])
+    per_epoch = num_rows // batch_size
+    if config.checkpoint_dir and latest_step(config.checkpoint_dir) is not None:
+        state = restore_run(config.checkpoint_dir, state, config)
+    history = []
+    start = int(state.step)
+    device_state = stepper.put_state(state)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress)
+    for step in bar:
+        idx = epoch_batches(num_rows, batch_size, step // per_epoch, seed)[step % per_epoch]
+        batch = jax.tree.map(lambda x: np.asarray(x[idx]), data)  # noqa: B023
+        device_state, metrics = stepper.step(device_state, stepper.put_batch(batch))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        done = step + 1
+        save = config.checkpoint_dir and (
+            (config.checkpoint_every and done % config.checkpoint_every == 0) or done == steps
+        )
+        if callback is not None or save:
+            state = stepper.get_state(device_state)
+        if callback is not None:
+            callback(done, metrics, state)
+        if save:
+            save_checkpoint(
+                config.checkpoint_dir, done, state, config=config, keep=config.keep_checkpoints
+            )
+    return stepper.get_state(device_state), history

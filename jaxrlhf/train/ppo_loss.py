@@ -1,0 +1,88 @@
+"""The PPO loss of one minibatch, as the (sum, count) table that ``train.state.train_step`` takes.
+
+    L = L_policy + c₁ L_value − c₂ H          (rl.ppo_loss; π and H at temperature τ)
+
+Each term, and each diagnostic, is a (sum, count) pair over this minibatch (or this device's part of
+it); the train step adds them across devices and divides once. The term names are trl's metric
+names, so the step's metrics are logged as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrlhf import rl
+from jaxrlhf.rollout import concat_prompt_response, response_slice
+from jaxrlhf.train.experience import Experience
+from jaxrlhf.train.state import Means
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOLoss:
+    """The PPO minibatch loss of a policy (→ logits [b, T, V], values [b, T]) with these settings.
+
+    Frozen and hashable: ``jax.jit`` takes it as a static argument and caches one program per
+    distinct (model structure, settings); β is not here (it only enters the rewards), so runs that
+    differ only in β share the compiled update.
+    """
+
+    graphdef: Any  # nnx.GraphDef of the policy (ActorCritic or PolicyWithCritic)
+    clip_eps: float
+    value_clip_eps: float | None
+    vf_coef: float
+    ent_coef: float
+    temperature: float
+    aggregation: str = "token_mean"
+
+    @property
+    def weights(self) -> tuple[tuple[str, float], ...]:
+        return (
+            ("loss/policy_avg", 1.0),
+            ("loss/value_avg", self.vf_coef),
+            ("policy/entropy_avg", -self.ent_coef),
+        )
+
+    def forward(self, params, input_ids, attention_mask):
+        """(logits [b, T, V], values [b, T]) of the policy with ``params``."""
+        return nnx.merge(self.graphdef, params)(input_ids, attention_mask)
+
+    def __call__(self, params, batch: Experience) -> Means:
+        P, N = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+        mask = batch.response_mask  # [b, N]
+        ids, attention_mask = concat_prompt_response(
+            batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask
+        )
+        logits, values = self.forward(params, ids, attention_mask)  # [b, T, V], [b, T]
+        logits, values = response_slice(logits, P, N), response_slice(values, P, N)
+        logprobs = rl.token_logprobs(logits, batch.response_ids, temperature=self.temperature)
+        entropy = rl.token_entropy(logits, temperature=self.temperature)  # [b, N]
+        policy, clipped = rl.clipped_surrogate(
+            logprobs, batch.logprobs, batch.advantages, mask, clip_eps=self.clip_eps
+        )  # [b, N] each
+        value, value_clipped = rl.value_loss_terms(
+            values, batch.values, batch.returns, mask, clip_eps=self.value_clip_eps
+        )  # [b, N] each
+        log_ratio = jax.lax.stop_gradient(jnp.where(mask > 0, logprobs - batch.logprobs, 0.0))
+        outside = jnp.abs(jnp.exp(log_ratio) - 1.0) > self.clip_eps
+        tokens = jnp.sum(mask)
+
+        def token_mean(x):
+            return rl.masked_sum(x, mask), tokens
+
+        return {
+            "loss/policy_avg": rl.aggregate_terms(policy, mask, aggregation=self.aggregation),
+            "loss/value_avg": token_mean(value),
+            "policy/entropy_avg": token_mean(entropy),
+            "policy/clipfrac_avg": token_mean(clipped),
+            "policy/ratio_outside_clip_avg": token_mean(outside.astype(jnp.float32)),
+            "policy/approxkl_avg": token_mean(0.5 * log_ratio**2),
+            "val/clipfrac_avg": token_mean(value_clipped),
+            "val/ratio": token_mean(
+                jnp.exp(jnp.clip(log_ratio, -rl.MAX_LOG_RATIO, rl.MAX_LOG_RATIO))
+            ),
+        }
