@@ -92,12 +92,11 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
 
 def bench_jaxrlhf(name: str, updates: int) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from jaxrlhf.models import CausalLM, ModelConfig, RewardModel, num_params
-    from jaxrlhf.train.ppo import PPOConfig, PPOTrainer, init_policy, reward_model_fn
+    from jaxrlhf.train import PPOConfig, PPOTrainer
 
     hidden, layers, heads = SIZES[name]
     model_config = ModelConfig(
@@ -109,7 +108,6 @@ def bench_jaxrlhf(name: str, updates: int) -> dict:
         max_position_embeddings=POSITIONS,
     )
     sft = CausalLM(model_config, rngs=nnx.Rngs(0))
-    policy = init_policy(sft, separate_critic=True, rngs=nnx.Rngs(1))
     reward_model = RewardModel(model_config, rngs=nnx.Rngs(2))
     config = PPOConfig(
         num_iterations=updates + 1,
@@ -122,17 +120,18 @@ def bench_jaxrlhf(name: str, updates: int) -> dict:
         lr_schedule="linear",
         kl_coef=0.05,
         separate_critic=True,
+        critic_init="reward_model",  # like trl: the value model starts as the reward model
+        missing_eos_penalty=None,  # trl's default
         recompute_logprobs=False,  # like trl: π_old from the sampler, no extra actor forward
     )
     rng = np.random.default_rng(0)
     prompts = rng.integers(2, VOCAB, size=(BATCH * (updates + 1), PROMPT_LEN)).astype(np.int32)
-    trainer = PPOTrainer(
+    trainer = PPOTrainer.from_sft(
         config,
-        policy,
         sft,
-        reward_model_fn(reward_model),
         prompts,
         np.ones_like(prompts),
+        reward_model=reward_model,
         eos_token_id=EOS,
         pad_token_id=PAD,
     )
@@ -146,7 +145,6 @@ def bench_jaxrlhf(name: str, updates: int) -> dict:
         trainer.step()
         jax.block_until_ready(trainer.state)
         times.append(time.perf_counter() - start)
-    del jnp
     return {
         "params": num_params(sft),
         "first_s": first,

@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="continue from the latest checkpoint in OUT/checkpoints",
+        help="continue from the latest checkpoint in OUT/checkpoints (--no-resume refuses to "
+        "start over an earlier run's checkpoints)",
     )
     ppo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add(ppo, PPOConfig)

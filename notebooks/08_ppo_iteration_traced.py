@@ -21,7 +21,7 @@
 # prompts to a gradient step and print the shape of every array on the way:
 #
 # ```
-# prompts [B, P] ─ generate(actor) ─▶ responses [B, N], mask [B, N], logprobs [B, N]
+# prompts [B, P] ─ sample(actor)   ─▶ responses [B, N], mask [B, N], logprobs [B, N]
 #     reward model(prompt ⧺ response) ─▶ scores [B]
 #     actor-critic(prompt ⧺ response) ─▶ logprobs [B, N], values [B, N]
 #     reference(prompt ⧺ response)    ─▶ ref_logprobs [B, N]
@@ -34,6 +34,8 @@
 # RL) and the frozen **reward model**.
 
 # %%
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,9 +44,8 @@ from flax import nnx
 
 from jaxrlhf import rl
 from jaxrlhf.models import CausalLM, ModelConfig, RewardModel, num_params
-from jaxrlhf.rollout import generate
-from jaxrlhf.train import ppo
-from jaxrlhf.train.parallel import init_train_state, train_step
+from jaxrlhf.rollout import SamplingConfig, concat_prompt_response, sample
+from jaxrlhf.train import PPOLoss, init_policy, init_train_state, make_experience, train_step
 
 
 def shapes(**arrays):
@@ -62,8 +63,8 @@ config = ModelConfig(
 )
 PAD, EOS = 0, 1
 sft = CausalLM(config, rngs=nnx.Rngs(0))  # stands in for the supervised fine-tuned model
-reference = ppo.copy_module(sft)  # frozen copy: π_ref
-policy = ppo.init_policy(sft, rngs=nnx.Rngs(1))  # ActorCritic: the SFT weights + a fresh value head
+reference = nnx.clone(sft)  # frozen copy: π_ref
+policy = init_policy(sft, rngs=nnx.Rngs(1))  # ActorCritic: the SFT weights + a zero value head
 reward_model = RewardModel(config, rngs=nnx.Rngs(2))  # untrained here; chapter 7 trains one
 print(type(policy).__name__, "with", num_params(policy), "parameters")
 
@@ -72,7 +73,7 @@ print(type(policy).__name__, "with", num_params(policy), "parameters")
 #
 # Four prompts of different lengths, **left**-padded to $P = 4$ so that every prompt ends at the
 # same position and generation continues from there. The actor samples $N = 6$ tokens per prompt
-# with a KV cache (`jaxrlhf.rollout.generate`). A response that emits EOS stops: its later positions hold
+# with a KV cache (`jaxrlhf.rollout.sample`). A response that emits EOS stops: its later positions hold
 # the pad token and have mask 0.
 
 # %%
@@ -80,12 +81,12 @@ prompt_ids = jnp.array(
     [[PAD, 5, 6, 7], [PAD, PAD, 8, 9], [10, 11, 12, 13], [PAD, PAD, PAD, 14]], jnp.int32
 )  # [B, P]
 prompt_mask = (prompt_ids != PAD).astype(jnp.int32)  # [B, P]
-rollout = generate(
+rollout = sample(
     policy,
     prompt_ids,
     prompt_mask,
-    max_new_tokens=6,
-    rng=jax.random.key(3),
+    SamplingConfig(max_new_tokens=6, temperature=1.0),
+    jax.random.key(3),
     eos_token_id=EOS,
     pad_token_id=PAD,
 )
@@ -113,7 +114,7 @@ assert jnp.all(jnp.where(after_eos, rollout.logprobs, 0.0) == 0.0)
 # the left (prompt padding) and at the right (after EOS).
 
 # %%
-input_ids, attention_mask = ppo.concat_prompt_response(
+input_ids, attention_mask = concat_prompt_response(
     prompt_ids, prompt_mask, rollout.tokens, rollout.mask
 )  # [B, P + N]
 scores = reward_model(input_ids, attention_mask)  # [B]
@@ -131,7 +132,7 @@ assert input_ids.shape == (B, P + N) and scores.shape == (B,)
 
 # %%
 kl_coef, gamma, lam = 0.1, 1.0, 0.95
-experience = ppo.make_experience(
+experience = make_experience(
     policy,
     reference,
     prompt_ids,
@@ -187,76 +188,90 @@ assert abs(float(rl.masked_var(experience.advantages, mask)) - 1.0) < 1e-3
 # %% [markdown]
 # ## Stage 5 — the loss
 #
-# `ppo_minibatch_loss` runs the actor-critic again on the minibatch (here: the whole batch) and
-# combines `rl.ppo_loss`'s terms. Before any update the ratio is 1, so the policy term is minus the
-# mean advantage — zero, since the advantages were just whitened — and the clip fraction is 0.
+# `PPOLoss` — the trainer's own loss — runs the actor-critic again on the minibatch (here: the
+# whole batch) and returns each term as a *(sum, count)* pair: sums and counts add across devices,
+# so the train step can split a batch over devices and still divide once by the global count. The
+# objective is $L = \sum_k w_k \, S_k / C_k$ with the weights in `loss.weights`: $1$ for the policy
+# term, $c_1$ for the value loss, $-c_2$ for the entropy. Before any update the ratio is 1, so the
+# policy term is minus the mean advantage — zero, since the advantages were just whitened — and the
+# clip fraction is 0.
 
 # %%
-graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+graphdef, params = nnx.split(policy)
+loss = PPOLoss(
+    graphdef=graphdef, clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1, ent_coef=0.01, temperature=1.0
+)
 
 
-def apply(params, input_ids, attention_mask):
-    return nnx.merge(graphdef, params, rest)(input_ids, attention_mask)  # (logits, values)
+def objective(params):
+    """(L, the mean of every term) — what the train step computes on one device."""
+    means = {name: total / count for name, (total, count) in loss(params, experience).items()}
+    return sum(w * means[name] for name, w in loss.weights), means
 
 
-def loss_fn(params, batch, axis_name):
-    return ppo.ppo_minibatch_loss(
-        params,
-        batch,
-        axis_name,
-        apply=apply,
-        clip_eps=0.2,
-        value_clip_eps=0.2,
-        vf_coef=0.1,
-        ent_coef=0.01,
-        temperature=1.0,
-    )
-
-
-loss, metrics = loss_fn(params, experience, None)
-print(f"loss {float(loss):.5f}")
+total, metrics = objective(params)
+print(f"loss {float(total):.5f}   (weights {loss.weights})")
 for k, v in metrics.items():
-    print(f"  {k:<22} {float(v):.5f}")
+    print(f"  {k:<30} {float(v):.5f}")
 assert abs(float(metrics["loss/policy_avg"])) < 1e-5
 assert float(metrics["policy/clipfrac_avg"]) == 0.0 and abs(float(metrics["val/ratio"]) - 1) < 1e-5
-# the total is policy + c₁·value − c₂·entropy, with the value loss as rl.value_loss computes it
+# the value term is rl.value_loss, and the total is what rl.ppo_loss computes from the same pieces
 value_term = rl.value_loss(
     experience.values, experience.values, experience.returns, mask, clip_eps=0.2
 )
 assert jnp.isclose(metrics["loss/value_avg"], value_term, atol=1e-5)
-assert jnp.isclose(
-    loss,
-    metrics["loss/policy_avg"]
-    + 0.1 * metrics["loss/value_avg"]
-    - 0.01 * metrics["policy/entropy_avg"],
-    atol=1e-5,
+logits, values = policy(input_ids, attention_mask)
+expected, _ = rl.ppo_loss(
+    rl.token_logprobs(logits[:, P - 1 : P - 1 + N], rollout.tokens),
+    experience.logprobs,
+    experience.advantages,
+    values[:, P - 1 : P - 1 + N],
+    experience.values,
+    experience.returns,
+    mask,
+    rl.token_entropy(logits[:, P - 1 : P - 1 + N]),
+    clip_eps=0.2,
+    value_clip_eps=0.2,
+    vf_coef=0.1,
+    ent_coef=0.01,
 )
+assert jnp.isclose(total, expected, atol=1e-5)
 
 # %% [markdown]
 # ## Stage 6 — one gradient step
 #
-# `train_step` differentiates the loss with respect to every parameter of the actor-critic (the
-# trunk, the LM head and the value head) and applies one optimiser update. The gradient tree has the
-# shape of the parameter tree (`jax.eval_shape` lists the shapes without computing anything). The
-# trainer uses Adam; here one small plain gradient step makes the first-order decrease of the loss
-# easy to check.
+# `train_step` (the one step every trainer uses) differentiates the loss with respect to every
+# parameter of the actor-critic (the trunk, the LM head and the value head) and applies one
+# optimiser update. The gradient tree has the shape of the parameter tree (`jax.eval_shape` lists
+# the shapes without computing anything). The trainer uses Adam; here one small plain gradient
+# step makes the first-order decrease of the loss easy to check. The optimiser is passed as a small
+# hashable config with a `build()` method, like the loss, so `jax.jit` can take both as static.
+
 
 # %%
-optimizer = optax.sgd(1e-3)
-state = init_train_state(params, optimizer)
-grads = jax.eval_shape(jax.grad(lambda p: loss_fn(p, experience, None)[0]), params)
+@dataclasses.dataclass(frozen=True)
+class SGD:
+    learning_rate: float
+
+    def build(self):
+        return optax.sgd(self.learning_rate)
+
+
+state = init_train_state(params, SGD(1e-3))
+grads = jax.eval_shape(jax.grad(lambda p: objective(p)[0]), params)
 for path, g in list(jax.tree_util.tree_leaves_with_path(grads))[:6]:
     print(f"  ∇ {jax.tree_util.keystr(path):<55} {tuple(g.shape)}")
 print(f"  ... {len(jax.tree.leaves(grads))} parameter arrays in all")
 assert jax.tree.structure(grads) == jax.tree.structure(params)
-new_state, step_metrics = jax.jit(
-    lambda s, b: train_step(s, b, loss_fn=loss_fn, optimizer=optimizer)
-)(state, experience)
+new_state, step_metrics = jax.jit(train_step, static_argnums=(2, 3))(
+    state, experience, loss, SGD(1e-3)
+)
 print(
     f"step {int(new_state.step)}: loss {float(step_metrics['loss']):.5f}, "
     f"grad norm {float(step_metrics['grad_norm']):.4f}"
 )
 assert int(new_state.step) == 1 and float(step_metrics["grad_norm"]) > 0
+assert jnp.isclose(step_metrics["loss"], total, atol=1e-6)
 
 # %% [markdown]
 # ## After the step
@@ -267,16 +282,16 @@ assert int(new_state.step) == 1 and float(step_metrics["grad_norm"]) > 0
 # active.
 
 # %%
-loss_after, metrics_after = loss_fn(new_state.params, experience, None)
+total_after, metrics_after = objective(new_state.params)
 print(
-    f"loss {float(loss):.5f} → {float(loss_after):.5f};  policy loss "
+    f"loss {float(total):.5f} → {float(total_after):.5f};  policy loss "
     f"{float(metrics['loss/policy_avg']):.5f} → {float(metrics_after['loss/policy_avg']):.5f};  "
     f"approx KL {float(metrics_after['policy/approxkl_avg']):.2e}"
 )
-assert loss_after < loss
+assert total_after < total
 assert metrics_after["loss/policy_avg"] < metrics["loss/policy_avg"]
 assert metrics_after["policy/approxkl_avg"] > 0
-updated = nnx.merge(graphdef, new_state.params, rest)
+updated = nnx.merge(graphdef, new_state.params)
 logits_new, _ = updated(input_ids, attention_mask)
 new_logprobs = rl.token_logprobs(logits_new[:, P - 1 : P - 1 + N], rollout.tokens) * mask
 kl_to_ref = rl.masked_mean(rl.kl_estimate(new_logprobs, experience.ref_logprobs, kind="k3"), mask)
@@ -284,6 +299,6 @@ print(f"KL(π‖π_ref) per token (k3) after one step: {float(kl_to_ref):.2e}")
 assert kl_to_ref > 0
 
 # %% [markdown]
-# That is one PPO iteration. The trainer (`ppo.PPOTrainer`) repeats it: a new rollout with the
+# That is one PPO iteration. The trainer (`jaxrlhf.train.PPOTrainer`, whose `iteration` method is these stages in order) repeats it: a new rollout with the
 # updated actor, several epochs of minibatch steps on each `Experience`, metrics under trl's names,
 # and optionally an adaptive $\beta$ (`rl.adaptive_kl_update`) that steers the KL towards a target.

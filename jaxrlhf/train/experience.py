@@ -95,20 +95,11 @@ def make_experience(
     chex.assert_rank(
         [prompt_ids, prompt_mask, response_ids, response_mask, scores], [2, 2, 2, 2, 1]
     )
-    P, N = prompt_ids.shape[1], response_ids.shape[1]
     mask = response_mask.astype(jnp.float32)  # [B, N]
-    ids, attention_mask = concat_prompt_response(prompt_ids, prompt_mask, response_ids, mask)
-    logits, values = policy_apply(ids, attention_mask)  # [B, T, V], [B, T]
-    values = jnp.where(mask > 0, response_slice(values, P, N), 0.0)  # [B, N]
-    if rollout_logprobs is None:
-        logits = response_slice(logits, P, N)  # [B, N, V]
-        logprobs = rl.token_logprobs(logits, response_ids, temperature=temperature)  # [B, N]
-    else:
-        chex.assert_equal_shape([rollout_logprobs, response_ids])
-        logprobs = rollout_logprobs.astype(jnp.float32)  # [B, N]
-    ref_logits = response_slice(reference_apply(ids, attention_mask), P, N)  # [B, N, V]
-    ref_logprobs = rl.token_logprobs(ref_logits, response_ids, temperature=temperature)  # [B, N]
-    logprobs, ref_logprobs = (jnp.where(mask > 0, x, 0.0) for x in (logprobs, ref_logprobs))
+    logprobs, ref_logprobs, values = _score_tokens(
+        policy_apply, reference_apply, prompt_ids, prompt_mask, response_ids, mask,
+        temperature=temperature, rollout_logprobs=rollout_logprobs,
+    )  # fmt: skip
     scores = scores.astype(jnp.float32)
     rewards = rl.kl_penalized_rewards(
         scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, kind=kl_estimator
@@ -129,6 +120,26 @@ def make_experience(
         advantages=rl.masked_whiten(advantages, mask),
         returns=returns,
     )
+
+
+def _score_tokens(
+    policy_apply, reference_apply, prompt_ids, prompt_mask, response_ids, mask, *,
+    temperature, rollout_logprobs,
+):  # fmt: skip
+    """log π_old, log π_ref and V_old of each response token ([B, N] each, 0 where masked)."""
+    P, N = prompt_ids.shape[1], response_ids.shape[1]
+    ids, attention_mask = concat_prompt_response(prompt_ids, prompt_mask, response_ids, mask)
+    logits, values = policy_apply(ids, attention_mask)  # [B, T, V], [B, T]
+    if rollout_logprobs is None:
+        logits = response_slice(logits, P, N)  # [B, N, V]
+        logprobs = rl.token_logprobs(logits, response_ids, temperature=temperature)  # [B, N]
+    else:
+        chex.assert_equal_shape([rollout_logprobs, response_ids])
+        logprobs = rollout_logprobs.astype(jnp.float32)  # [B, N]
+    ref_logits = response_slice(reference_apply(ids, attention_mask), P, N)  # [B, N, V]
+    ref_logprobs = rl.token_logprobs(ref_logits, response_ids, temperature=temperature)  # [B, N]
+    values = response_slice(values, P, N)  # [B, N]
+    return tuple(jnp.where(mask > 0, x, 0.0) for x in (logprobs, ref_logprobs, values))
 
 
 def experience_metrics(

@@ -247,6 +247,11 @@ def _split_pairs(pairs, margins, config: RewardConfig, eval_pairs):
         train_index, eval_index = split_indices(n, config.eval_fraction, config.seed)
         pairs, eval_pairs = take_pairs(pairs, train_index), take_pairs(pairs, eval_index)
         margins = margins[train_index]
+    if len(margins) < config.batch_size:
+        raise ValueError(
+            f"RewardConfig.batch_size = {config.batch_size}: larger than the "
+            f"{len(margins)} training pairs"
+        )
     return pairs, margins, eval_pairs
 
 
@@ -288,11 +293,6 @@ def train_reward_model(
     """
     pairs, margins, eval_pairs = _split_pairs(pairs, margins, config, eval_pairs)
     steps_per_epoch = len(margins) // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"RewardConfig.batch_size = {config.batch_size}: larger than the "
-            f"{len(margins)} training pairs"
-        )
     total_steps = steps_per_epoch * config.epochs
     graphdef, params = nnx.split(reward_model)
     optimizer = config.optimizer(total_steps)
@@ -321,8 +321,7 @@ def train_reward_model(
         "loss": [m["loss"] for m in history],
         "accuracy": [m["rm/accuracy"] for m in history],
         "grad_norm": [m["grad_norm"] for m in history],
-        "eval_accuracy": [e["eval_accuracy"] for e in evals],
-        "eval_loss": [e["eval_loss"] for e in evals],
+        **{k: [e[k] for e in evals] for k in ("eval_accuracy", "eval_loss")},
         "num_train_pairs": len(margins),
         "num_eval_pairs": 0 if eval_pairs is None else len(eval_pairs.chosen_ids),
     }
