@@ -1,8 +1,12 @@
-"""The ``jaxrlhf`` command: ``demo``, ``train-rm``, ``ppo`` and ``generate``.
+"""The ``jaxrlhf`` command: ``demo``, ``sft``, ``train-rm``, ``ppo`` and ``generate``.
 
 Every hyperparameter flag comes from a config dataclass (``--rm-*``: RewardConfig, ``--ppo-*``:
 PPOConfig, ``--sft-*``: SFTConfig, ``--data-*``: DataConfig, the demo's own: DemoConfig), so its help
 text and default live in exactly one place. ``jaxrlhf <command> --help`` lists them.
+
+``--data`` / ``--prompts`` take a file, a dataset directory or a Hub dataset name; ``--model`` /
+``--policy`` / ``--reward-model`` a checkpoint directory or a Hub model id. The data format is
+reported in one line on stderr, and lengths are checked against the model before any training.
 """
 
 from __future__ import annotations
@@ -42,6 +46,36 @@ def _load_tokenizer(path: str):
     return tokenizer
 
 
+def _note(line: str) -> None:
+    """One line of information for the user (stderr, so that stdout stays JSON)."""
+    print(line, file=sys.stderr)
+
+
+def _model_dir(name: str, what: str = "model") -> str:
+    """The local checkpoint directory of a directory or a Hub model id."""
+    from jaxrlhf.hub import resolve_model
+
+    return resolve_model(name, what=what)
+
+
+def _check_positions(model_dir: str, length: int, *, what: str, fixes: str) -> None:
+    """Exit before any training when ``length`` positions do not fit a GPT-2-family model's
+    learned position table (the rollout would refuse them, and training would read past it)."""
+    from jaxrlhf.models.config import ModelConfig
+
+    config = ModelConfig.from_hf(model_dir)
+    limit = config.max_position_embeddings
+    if config.family == "gpt2" and length > limit:
+        raise SystemExit(
+            f"error: {what}: {length} positions, more than the max_position_embeddings={limit} "
+            f"of {model_dir}: {fixes}"
+        )
+
+
+def _longest(mask) -> int:
+    return int(mask.sum(axis=1).max())
+
+
 # ------------------------------------------------------------------------------------- demo
 
 
@@ -62,18 +96,121 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- sft
+
+
+def cmd_sft(args) -> int:
+    from jaxrlhf.data.preference import DataConfig
+    from jaxrlhf.data.sft import load_sft_dataset, tokenize_sft
+    from jaxrlhf.logging import MetricsLogger, read_metrics
+    from jaxrlhf.models.hf import from_pretrained, save_pretrained
+    from jaxrlhf.report import plot_curves, write_report
+    from jaxrlhf.train.checkpoint import latest_step
+    from jaxrlhf.train.sft import SFTConfig, train_sft
+
+    config, data_config = _get(args, SFTConfig), _get(args, DataConfig)
+    checkpoints = config.checkpoint_dir or os.path.join(args.out, "checkpoints")
+    config = dataclasses.replace(config, checkpoint_dir=checkpoints)
+    _check_fresh_run(args.resume, checkpoints, flag="--sft-checkpoint-dir")
+    model_dir = _model_dir(args.model)
+    tokenizer = _load_tokenizer(model_dir)
+    data = load_sft_dataset(args.data, data_config, report=_note)
+
+    def tokenize(rows, source):
+        return tokenize_sft(
+            rows,
+            tokenizer,
+            data_config,
+            completion_only_loss=config.completion_only_loss,
+            source=source,
+        )
+
+    train = tokenize(data.train, args.data)
+    held_out = None if data.eval is None else tokenize(data.eval, f"{args.data} [eval]")
+    for batch in filter(None, (train, held_out)):
+        _check_positions(
+            model_dir,
+            batch.input_ids.shape[1],
+            what=f"SFT sequences padded to {batch.input_ids.shape[1]} tokens (the longest has "
+            f"{_longest(batch.attention_mask)})",
+            fixes="lower --data-max-prompt-length + --data-max-response-length (a sequence's cap) "
+            "and pass --data-truncate, or use a model with more positions",
+        )
+    os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    done = latest_step(checkpoints)
+    if done is not None:
+        _note(f"resuming from {checkpoints} at step {done}")
+    _trim_metrics(metrics_path, done)
+
+    def record(step: int, metrics: dict) -> dict:
+        keys = {"loss": "train/loss", "grad_norm": "train/grad_norm", "eval/loss": "eval/loss"}
+        return {name: metrics[k] for k, name in keys.items() if k in metrics}
+
+    with MetricsLogger(metrics_path, tensorboard_dir=os.path.join(args.out, "tb")) as log:
+        model, sft_metrics = train_sft(
+            from_pretrained(model_dir),
+            train.input_ids,
+            train.attention_mask,
+            config,
+            loss_mask=train.loss_mask,
+            eval_data=None if held_out is None else tuple(held_out[:3]),
+            progress=not args.quiet,
+            callback=lambda step, metrics: log.log(step, record(step, metrics)),
+        )
+    save_pretrained(model, os.path.join(args.out, "policy"), tokenizer=tokenizer)
+    records = read_metrics(metrics_path)
+    evals = [r["eval/loss"] for r in records if "eval/loss" in r]
+    summary = {
+        "format": data.format,
+        "steps": records[-1]["step"] if records else 0,
+        "final_loss": records[-1]["train/loss"] if records else None,
+        "eval_loss": evals[-1] if evals else None,
+        "num_train": sft_metrics["num_train"],
+        "num_eval": sft_metrics.get("num_eval", 0),
+        "num_truncated": train.num_truncated,
+    }
+    write_report(
+        os.path.join(args.out, "report.md"),
+        title="jaxrlhf sft",
+        sections=[
+            ("Data", data.description),
+            ("Result", "```json\n" + json.dumps(summary, indent=2) + "\n```"),
+        ],
+        plots=plot_curves(
+            {"sft": records},
+            os.path.join(args.out, "plots"),
+            curves={"loss": ("train/loss", "eval/loss")},
+        ),
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _trim_metrics(metrics_path: str, done: int | None) -> None:
+    """Keep the metric records of the steps a checkpoint holds (``done``; None: none)."""
+    from jaxrlhf.logging import read_metrics
+    from jaxrlhf.train.distributed import is_main
+
+    if not is_main() or not os.path.exists(metrics_path):
+        return
+    if done is None:
+        os.remove(metrics_path)  # records of a run that never checkpointed
+        return
+    kept = [r for r in read_metrics(metrics_path) if r["step"] <= done]
+    with open(metrics_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
 # ---------------------------------------------------------------------------------- train-rm
 
 
 def cmd_train_rm(args) -> int:
     import jax
+    import numpy as np
 
-    from jaxrlhf.data.preference import (
-        DataConfig,
-        load_preference_dataset,
-        tokenize_pairs,
-        tokenize_prompts,
-    )
+    from jaxrlhf.data.formats import load_preference_dataset
+    from jaxrlhf.data.preference import DataConfig, tokenize_pairs, tokenize_prompts
     from jaxrlhf.logging import MetricsLogger
     from jaxrlhf.models.hf import from_pretrained, save_pretrained
     from jaxrlhf.report import write_report
@@ -86,12 +223,41 @@ def cmd_train_rm(args) -> int:
     )
 
     config, data_config = _get(args, RewardConfig), _get(args, DataConfig)
-    tokenizer = _load_tokenizer(args.model)
-    data = load_preference_dataset(args.data)
-    pairs = tokenize_pairs(data, tokenizer, data_config, source=args.data)
-    policy = from_pretrained(args.model)
+    model_dir = _model_dir(args.model)
+    tokenizer = _load_tokenizer(model_dir)
+    data = load_preference_dataset(args.data, data_config, report=_note)
+    margins = None
+    if config.margin_from_scores:
+        if not data.format.scored:
+            raise SystemExit(
+                "error: --rm-margin-from-scores needs scored data (score_chosen and score_rejected "
+                f"columns); {args.data} has none"
+            )
+        margins = np.array([r["score_chosen"] - r["score_rejected"] for r in data.train])
+    pairs = tokenize_pairs(data.train, tokenizer, data_config, source=args.data)
+    eval_pairs = None
+    if data.eval is not None:
+        eval_source = f"{args.data} [{data_config.eval_split}]"
+        eval_pairs = tokenize_pairs(data.eval, tokenizer, data_config, source=eval_source)
+    for batch in filter(None, (pairs, eval_pairs)):
+        _check_positions(
+            model_dir,
+            batch.chosen_ids.shape[1],
+            what=f"prompt + response padded to {batch.chosen_ids.shape[1]} tokens (the longest "
+            f"pair has {max(_longest(batch.chosen_mask), _longest(batch.rejected_mask))})",
+            fixes="lower --data-max-prompt-length / --data-max-response-length and pass "
+            "--data-truncate, or use a model with more positions",
+        )
+    policy = from_pretrained(model_dir)
     reward_model = reward_model_from_policy(policy, seed=config.seed)
-    reward_model, metrics = train_reward_model(reward_model, pairs, config, progress=not args.quiet)
+    reward_model, metrics = train_reward_model(
+        reward_model,
+        pairs,
+        config,
+        margins=margins,
+        eval_pairs=eval_pairs,
+        progress=not args.quiet,
+    )
     os.makedirs(args.out, exist_ok=True)
     with MetricsLogger(os.path.join(args.out, "metrics.jsonl")) as log:
         for step, (loss, acc) in enumerate(zip(metrics["loss"], metrics["accuracy"])):
@@ -102,13 +268,14 @@ def cmd_train_rm(args) -> int:
         "num_eval_pairs": metrics["num_eval_pairs"],
     }
     if args.normalize:
-        # Mean 0, std 1 over the policy's own samples on the dataset's prompts.
-        prompts = tokenize_prompts(data, tokenizer, data_config, source=args.data)
+        # Mean 0, std 1 over the policy's own samples on the dataset's prompts, as long as the
+        # longest responses of the data (so they fit where the pairs fit).
+        prompts = tokenize_prompts(data.train, tokenizer, data_config, source=args.data)
         rollout = sample(
             policy,
             prompts.input_ids,
             prompts.attention_mask,
-            SamplingConfig(max_new_tokens=data_config.max_response_length),
+            SamplingConfig(max_new_tokens=pairs.chosen_ids.shape[1] - prompts.input_ids.shape[1]),
             jax.random.PRNGKey(config.seed),
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -120,7 +287,10 @@ def cmd_train_rm(args) -> int:
     write_report(
         os.path.join(args.out, "report.md"),
         title="jaxrlhf train-rm",
-        sections=[("Result", "```json\n" + json.dumps(summary, indent=2) + "\n```")],
+        sections=[
+            ("Data", data.description),
+            ("Result", "```json\n" + json.dumps(summary, indent=2) + "\n```"),
+        ],
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -130,9 +300,10 @@ def cmd_train_rm(args) -> int:
 
 
 def cmd_ppo(args) -> int:
-    from jaxrlhf.data.preference import DataConfig, load_prompt_dataset, tokenize_prompts
+    from jaxrlhf.data.preference import DataConfig
     from jaxrlhf.logging import MetricsLogger
     from jaxrlhf.models.hf import from_pretrained, save_pretrained
+    from jaxrlhf.train.distributed import is_main
     from jaxrlhf.train.ppo import PPOConfig, PPOTrainer
 
     config, data_config = _get(args, PPOConfig), _get(args, DataConfig)
@@ -140,27 +311,50 @@ def cmd_ppo(args) -> int:
     config = dataclasses.replace(config, checkpoint_dir=checkpoints)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     _check_fresh_run(args.resume, checkpoints)
-    tokenizer = _load_tokenizer(args.policy)
-    prompts = tokenize_prompts(
-        load_prompt_dataset(args.prompts), tokenizer, data_config, source=args.prompts
-    )
+    policy, reward_model, tokenizer, prompts = _ppo_inputs(args, config, data_config)
     trainer = PPOTrainer.from_sft(
         config,
-        from_pretrained(args.policy),
+        from_pretrained(policy),
         prompts.input_ids,
         prompts.attention_mask,
-        reward_model=from_pretrained(args.reward_model, head="reward"),
+        reward_model=from_pretrained(reward_model, head="reward"),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     _resume(trainer, checkpoints, metrics_path)
+    # Every process runs all of this; metrics, report and policy are written by process 0 only.
     with MetricsLogger(metrics_path, tensorboard_dir=os.path.join(args.out, "tb")) as log:
-        trainer.train(callback=log.log, progress=not args.quiet)
+        trainer.train(callback=log.log, progress=not args.quiet and is_main())
     save_pretrained(trainer.actor(), os.path.join(args.out, "policy"), tokenizer=tokenizer)
-    return _ppo_report(args.out, metrics_path)
+    return _ppo_report(args.out, metrics_path) if is_main() else 0
 
 
-def _check_fresh_run(resume: bool, checkpoints: str) -> None:
+def _ppo_inputs(args, config, data_config):
+    """(policy directory, reward-model directory, tokenizer, prompts): Hub ids resolved, the
+    prompts loaded in any supported format and tokenised, and prompt + response checked to fit
+    both models."""
+    from jaxrlhf.data.formats import load_prompt_dataset
+    from jaxrlhf.data.preference import tokenize_prompts
+
+    policy = _model_dir(args.policy, "policy")
+    reward_model = _model_dir(args.reward_model, "reward model")
+    tokenizer = _load_tokenizer(policy)
+    rows = load_prompt_dataset(args.prompts, data_config, report=_note)
+    prompts = tokenize_prompts(rows, tokenizer, data_config, source=args.prompts)
+    width = prompts.input_ids.shape[1]
+    for model_dir in (policy, reward_model):
+        _check_positions(
+            model_dir,
+            width + config.max_new_tokens,
+            what=f"prompts padded to {width} tokens (the longest has "
+            f"{_longest(prompts.attention_mask)}) + --ppo-max-new-tokens {config.max_new_tokens}",
+            fixes="lower --ppo-max-new-tokens, or --data-max-prompt-length (with --data-truncate "
+            "for longer prompts)",
+        )
+    return policy, reward_model, tokenizer, prompts
+
+
+def _check_fresh_run(resume: bool, checkpoints: str, flag: str = "--ppo-checkpoint-dir") -> None:
     """With --no-resume, refuse to start over a directory that holds another run's checkpoints."""
     from jaxrlhf.train.checkpoint import all_steps
 
@@ -169,25 +363,18 @@ def _check_fresh_run(resume: bool, checkpoints: str) -> None:
         raise SystemExit(
             f"error: --no-resume, but {checkpoints} holds the checkpoints of an earlier run "
             f"(iterations {', '.join(map(str, steps))}); resume it (drop --no-resume), or choose "
-            "another --out or --ppo-checkpoint-dir (nothing was deleted)"
+            f"another --out or {flag} (nothing was deleted)"
         )
 
 
 def _resume(trainer, checkpoints: str, metrics_path: str) -> None:
     """Continue from the latest checkpoint (keeping the metric records up to it), or start clean."""
-    from jaxrlhf.logging import read_metrics
     from jaxrlhf.train.checkpoint import latest_step
 
-    if latest_step(checkpoints) is None:
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)  # records of a run that never checkpointed
-        return
-    done = trainer.restore(checkpoints)
-    print(f"resumed from {checkpoints} at iteration {done}", file=sys.stderr)
-    if os.path.exists(metrics_path):  # keep the records of the iterations already done
-        kept = [r for r in read_metrics(metrics_path) if r["step"] <= done]
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+    done = None if latest_step(checkpoints) is None else trainer.restore(checkpoints)
+    if done is not None:
+        print(f"resumed from {checkpoints} at iteration {done}", file=sys.stderr)
+    _trim_metrics(metrics_path, done)  # keep the records of the iterations already done
 
 
 def _ppo_report(out: str, metrics_path: str) -> int:
@@ -219,8 +406,8 @@ def cmd_generate(args) -> int:
     from jaxrlhf.rollout import SamplingConfig, sample
 
     sampling = _get(args, SamplingConfig)
-    tokenizer = _load_tokenizer(args.model)
-    model = from_pretrained(args.model)
+    model_dir = _model_dir(args.model)
+    tokenizer = _load_tokenizer(model_dir)
     prompts = list(args.prompt)
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as f:
@@ -228,6 +415,15 @@ def cmd_generate(args) -> int:
     if not prompts:
         raise SystemExit("error: give at least one --prompt or a --prompts-file")
     batch = tokenize_prompts({"prompt": prompts}, tokenizer, _get(args, DataConfig))
+    width = batch.input_ids.shape[1]
+    _check_positions(
+        model_dir,
+        width + sampling.max_new_tokens,
+        what=f"prompts padded to {width} tokens (the longest has {_longest(batch.attention_mask)})"
+        f" + --max-new-tokens {sampling.max_new_tokens}",
+        fixes="lower --max-new-tokens, or --data-max-prompt-length (with --data-truncate)",
+    )
+    model = from_pretrained(model_dir)
     rollout = sample(
         model,
         batch.input_ids,
@@ -245,6 +441,9 @@ def cmd_generate(args) -> int:
 
 # ---------------------------------------------------------------------------------- parser
 
+DATA_HELP = "a json/jsonl/parquet/csv file, a dataset directory or a Hub dataset name"
+MODEL_HELP = "a Hugging Face checkpoint directory or a Hub model id"
+
 
 def build_parser() -> argparse.ArgumentParser:
     from jaxrlhf.data.preference import DataConfig
@@ -252,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxrlhf.rollout import SamplingConfig
     from jaxrlhf.train.ppo import PPOConfig
     from jaxrlhf.train.reward import RewardConfig
-    from jaxrlhf.train.sft import SFTConfig
+    from jaxrlhf.train.sft import SFT_DEFAULTS, SFTConfig
 
     parser = argparse.ArgumentParser(prog="jaxrlhf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -263,13 +462,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add(demo, SFTConfig, DEMO_SFT)
     _add(demo, RewardConfig, DEMO_REWARD)
     _add(demo, PPOConfig, DEMO_PPO)
+    _add_distributed(demo)
     demo.set_defaults(run=cmd_demo)
 
-    rm = sub.add_parser("train-rm", help="train a reward model on preference pairs")
-    rm.add_argument(
-        "--data", required=True, help="prompt/chosen/rejected json, jsonl, parquet or dataset dir"
+    sft = sub.add_parser("sft", help="supervised fine-tuning on text, prompt/completion or chats")
+    sft.add_argument(
+        "--data", required=True, help=DATA_HELP + " (text, prompt/completion or messages)"
     )
-    rm.add_argument("--model", required=True, help="local Hugging Face directory of the base LM")
+    sft.add_argument("--model", required=True, help=MODEL_HELP + " of the base LM")
+    sft.add_argument("--out", required=True, help="output directory (metrics, checkpoints, policy)")
+    sft.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from the latest checkpoint in OUT/checkpoints (--no-resume refuses to "
+        "start over an earlier run's checkpoints)",
+    )
+    sft.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add(sft, SFTConfig, SFT_DEFAULTS)
+    _add(sft, DataConfig)
+    _add_distributed(sft)
+    sft.set_defaults(run=cmd_sft)
+
+    rm = sub.add_parser("train-rm", help="train a reward model on preference pairs")
+    rm.add_argument("--data", required=True, help=DATA_HELP + " (preference pairs)")
+    rm.add_argument("--model", required=True, help=MODEL_HELP + " of the base LM")
     rm.add_argument("--out", required=True, help="output directory")
     rm.add_argument(
         "--normalize",
@@ -280,16 +497,19 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--quiet", action="store_true", help="no progress bars")
     _add(rm, RewardConfig)
     _add(rm, DataConfig)
+    _add_distributed(rm)
     rm.set_defaults(run=cmd_train_rm)
 
     ppo = sub.add_parser("ppo", help="PPO of a policy against a reward model")
     ppo.add_argument(
-        "--prompts", required=True, help="prompt-only json, jsonl, parquet or dataset dir"
+        "--prompts",
+        required=True,
+        help=DATA_HELP + " (a prompt column, or preference pairs with implicit prompts)",
     )
+    ppo.add_argument("--policy", required=True, help=MODEL_HELP + " of the SFT policy")
     ppo.add_argument(
-        "--policy", required=True, help="local Hugging Face directory of the SFT policy"
+        "--reward-model", required=True, help="directory written by train-rm (or a Hub model id)"
     )
-    ppo.add_argument("--reward-model", required=True, help="directory written by train-rm")
     ppo.add_argument("--out", required=True, help="output directory (metrics, checkpoints, policy)")
     ppo.add_argument(
         "--resume",
@@ -301,10 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add(ppo, PPOConfig)
     _add(ppo, DataConfig)
+    _add_distributed(ppo)
     ppo.set_defaults(run=cmd_ppo)
 
     gen = sub.add_parser("generate", help="sample completions from a model")
-    gen.add_argument("--model", required=True, help="local Hugging Face directory")
+    gen.add_argument("--model", required=True, help=MODEL_HELP)
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", help="a text file, one prompt per line")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
@@ -314,10 +535,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_distributed(parser) -> None:
+    """The multi-process flags of every training command (``train.distributed.initialize``)."""
+    group = parser.add_argument_group(
+        "multi-process (jax.distributed; run the same command in every process)"
+    )
+    group.add_argument("--coordinator-address", help="HOST:PORT of process 0 (with the next two)")
+    group.add_argument("--num-processes", type=int, help="how many processes take part")
+    group.add_argument("--process-id", type=int, help="this process's index, 0 … N−1")
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="start jax.distributed and let JAX detect the rest (Cloud TPU VMs, SLURM)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        import datasets
+
+        datasets.disable_progress_bars()
     try:
+        if hasattr(args, "process_id"):  # before anything touches a device
+            from jaxrlhf.train.distributed import initialize
+
+            initialize(
+                args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed
+            )
         return args.run(args)
     except ValueError as err:  # config validation and data errors name the field / row / file
         print(f"error: {err}", file=sys.stderr)

@@ -180,6 +180,8 @@ def train_demo_reward_model(task, base, demo, reward: RewardConfig, ppo: PPOConf
     dataset, pair_info = collect_preferences(
         task, base, jax.random.split(key)[0], num_pairs=demo.num_pairs, seed=demo.seed
     )
+    # The task's data as user files (runs/demo/data/*.jsonl: the README's `jaxrlhf sft/train-rm/ppo`).
+    task.write_data_files(os.path.join(demo.out_dir, "data"), dataset)
     # Re-tokenising decoded text can add a token or two; cut those (the data code counts them).
     pair_config = dataclasses.replace(task.data_config, truncate=True)
     pairs = tokenize_pairs(dataset, task.tokenizer, pair_config)

@@ -21,13 +21,21 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Appends one JSON object per step to ``path``; mirrors scalars to TensorBoard if available."""
+    """Appends one JSON object per step to ``path``; mirrors scalars to TensorBoard if available.
+
+    In a multi-process run (``jax.distributed``) only process 0 writes; elsewhere it does nothing,
+    so every process can run the same code.
+    """
 
     def __init__(self, path: str | os.PathLike, *, tensorboard_dir: str | None = None):
+        import jax
+
         self.path = os.fspath(path)
+        self._file = self._tb = None
+        if jax.process_index() != 0:
+            return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
-        self._tb = None
         if tensorboard_dir is not None:
             try:
                 from tensorboardX import SummaryWriter  # optional
@@ -37,6 +45,8 @@ class MetricsLogger:
                 self._tb = SummaryWriter(tensorboard_dir)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if self._file is None:
+            return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -46,7 +56,8 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

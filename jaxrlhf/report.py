@@ -74,7 +74,12 @@ def write_report(
     sections: Sequence[tuple[str, str]],
     plots: Mapping[str, str] | None = None,
 ) -> str:
-    """Write a markdown report: a title, (heading, body) sections, and the plots (relative links)."""
+    """Write a markdown report: a title, (heading, body) sections, and the plots (relative links).
+    Process 0 writes it (a multi-process run writes one report)."""
+    import jax
+
+    if jax.process_index() != 0:
+        return path
     base = os.path.dirname(os.path.abspath(path))
     parts = [f"# {title}", ""]
     for heading, body in sections:

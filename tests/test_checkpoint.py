@@ -117,7 +117,9 @@ def test_resume_refuses_a_checkpoint_saved_with_other_settings(tmp_path):
     ):
         tu.tiny_trainer(changed).restore(str(tmp_path))
     # Devices, checkpointing and (under a constant learning rate) the run's length may change.
-    allowed = tu.replace(config, num_iterations=4, parallelism="shard_map", keep_checkpoints=3)
+    allowed = tu.replace(
+        config, num_iterations=4, parallelism="shard_map", num_devices=4, keep_checkpoints=3
+    )
     assert tu.tiny_trainer(allowed).restore(str(tmp_path)) == 1
 
 

@@ -17,6 +17,7 @@ from jaxrlhf.data import (
     load_dataset_file,
     load_preference_dataset,
     load_prompt_dataset,
+    padded_length,
     render_chat,
     tokenize_pairs,
     tokenize_prompts,
@@ -30,32 +31,38 @@ from jaxrlhf.data.preference import render_prompt, render_response
 @pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet", "csv", "disk", "disk_dict"])
 def test_load_text_preferences_every_format(tmp_path, fmt):
     path = write(TEXT_ROWS, str(tmp_path), fmt)
-    data = load_preference_dataset(path)
-    assert [dict(r) for r in data] == TEXT_ROWS
+    lines = []
+    data = load_preference_dataset(path, report=lines.append)
+    assert data.train == TEXT_ROWS and data.eval is None
+    assert not data.format.implicit and data.format.kind == "text"
+    assert lines == [
+        f"{path}: explicit-prompt format (text): columns 'prompt', 'chosen', 'rejected'; 3 pairs"
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "disk"])
 def test_load_chat_preferences(tmp_path, fmt):
     path = write(CHAT_ROWS, str(tmp_path), fmt)
     data = load_preference_dataset(path)
-    assert len(data) == 2
-    assert data[1]["prompt"][2] == {"role": "user", "content": "and the room ?"}
+    assert len(data.train) == 2 and data.format.kind == "chat"
+    assert data.train[1]["prompt"][2] == {"role": "user", "content": "and the room ?"}
 
 
 def test_load_prompt_dataset_ignores_other_columns(tmp_path):
     path = write([{"prompt": "the food was", "id": 3}], str(tmp_path), "jsonl")
-    assert load_prompt_dataset(path)["prompt"] == ["the food was"]
+    assert load_prompt_dataset(path) == [{"prompt": "the food was"}]
 
 
 def test_missing_file_unsupported_type_and_bad_directory_name_the_path(tmp_path):
     with pytest.raises(DataError, match="nope.jsonl: no such file"):
         load_dataset_file(tmp_path / "nope.jsonl")
-    bad = tmp_path / "data.txt"
+    bad = tmp_path / "data.xyz"
     bad.write_text("x")
-    with pytest.raises(DataError, match=r"data.txt: unsupported file type '.txt'"):
+    with pytest.raises(DataError, match=r"data.xyz: unsupported file type '.xyz'"):
         load_dataset_file(bad)
-    with pytest.raises(DataError, match=f"{tmp_path}: not a dataset directory"):
-        load_dataset_file(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: not a dataset directory"):
+        load_dataset_file(tmp_path / "empty")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     with pytest.raises(DataError, match="broken.json: could not be read as json"):
@@ -64,7 +71,7 @@ def test_missing_file_unsupported_type_and_bad_directory_name_the_path(tmp_path)
 
 def test_saved_dataset_dict_without_the_split(tmp_path):
     path = write(TEXT_ROWS, str(tmp_path), "disk_dict")
-    with pytest.raises(DataError, match=r"no split 'test' \(has \['train'\]\)"):
+    with pytest.raises(DataError, match=r"no split 'test' \(has \['train'\]"):
         load_dataset_file(path, split="test")
 
 
@@ -187,21 +194,42 @@ def test_every_grammar_word_is_one_token():
         assert len(_ids(word)) == 1, word
 
 
-def test_prompts_are_left_padded_to_a_fixed_width():
+def test_prompts_are_left_padded_to_the_longest_rounded_up_to_8():
     tok = tokenizer()
     pad = tok.pad_token_id
-    batch = tokenize_prompts(
-        {"prompt": ["the food was", "the food was great and the staff was"]},
-        tok,
-        DataConfig(max_prompt_length=10, max_response_length=4),
-    )
+    prompts = {"prompt": ["the food was", "the food was great and the staff was"]}  # 3, 8 tokens
+    batch = tokenize_prompts(prompts, tok, DataConfig(max_prompt_length=32))
     the, food, was = _ids("the") + _ids(" food") + _ids(" was")
-    assert batch.input_ids.shape == batch.attention_mask.shape == (2, 10)
+    assert batch.input_ids.shape == batch.attention_mask.shape == (2, 8)
     assert batch.input_ids.dtype == np.int32
-    np.testing.assert_array_equal(batch.input_ids[0], [pad] * 7 + [the, food, was])
-    np.testing.assert_array_equal(batch.attention_mask[0], [0] * 7 + [1] * 3)
-    np.testing.assert_array_equal(batch.attention_mask[1], [0] * 2 + [1] * 8)
+    np.testing.assert_array_equal(batch.input_ids[0], [pad] * 5 + [the, food, was])
+    np.testing.assert_array_equal(batch.attention_mask[0], [0] * 5 + [1] * 3)
+    np.testing.assert_array_equal(batch.attention_mask[1], [1] * 8)
     assert batch.num_truncated == 0
+    # three-token prompts: 8 positions, not max_prompt_length = 32
+    assert tokenize_prompts({"prompt": ["the food was"]}, tok, DataConfig()).input_ids.shape == (
+        1,
+        8,
+    )
+    # capped by max_prompt_length (9 tokens would round up to 16)
+    nine = {"prompt": ["the food was great and the staff was nice"]}
+    assert tokenize_prompts(nine, tok, DataConfig(max_prompt_length=10)).input_ids.shape == (1, 10)
+
+
+def test_max_length_padding_pads_to_the_limit():
+    tok = tokenizer()
+    config = DataConfig(max_prompt_length=10, max_response_length=6, padding="max_length")
+    batch = tokenize_prompts({"prompt": ["the food was"]}, tok, config)
+    np.testing.assert_array_equal(batch.attention_mask[0], [0] * 7 + [1] * 3)
+    assert tokenize_pairs(TEXT_ROWS, tok, config).chosen_ids.shape == (3, 16)
+
+
+@pytest.mark.parametrize(
+    "longest, limit, expected", [(1, 32, 8), (3, 32, 8), (8, 32, 8), (9, 32, 16), (30, 20, 20)]
+)
+def test_padded_length_rounds_up_to_a_multiple_of_8_within_the_limit(longest, limit, expected):
+    assert padded_length(longest, limit, "longest") == expected
+    assert padded_length(longest, limit, "max_length") == limit
 
 
 def test_pairs_are_prompt_left_padded_then_response_plus_eos_right_padded():

@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from data_utils import sft_policy, small_task
+from data_utils import sft_policy, small_task, tiny_lm, tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxrlhf.train import SFTConfig, next_token_loss
+from jaxrlhf.train import SFTConfig, next_token_loss, train_sft
+from jaxrlhf.train.reward import split_indices
+from jaxrlhf.train.sft import held_out_loss, next_token_terms
 
 
 @pytest.mark.parametrize("fn", [next_token_loss, jax.jit(next_token_loss)])
@@ -72,3 +74,83 @@ def test_next_token_loss_ignores_whatever_sits_in_the_padding(lengths, garbage):
     np.testing.assert_allclose(
         next_token_loss(dirty_logits, dirty_ids, mask), next_token_loss(logits, ids, mask), 1e-6
     )
+
+
+# ------------------------------------------------------------------------ completion-only loss
+
+
+@pytest.mark.parametrize("fn", [next_token_loss, jax.jit(next_token_loss)])
+def test_loss_mask_counts_only_the_marked_targets(fn):
+    # The logits of the hand test above: p(1) = 3/4, p(0) = 1/4 at every position.
+    # Row 0: tokens [0, 1, 1], loss_mask [0, 0, 1] (a two-token prompt, then a one-token
+    # completion): only the target at t = 2 (token 1) counts → −log(3/4); the target at t = 1 is
+    # prompt. Row 1: tokens [1, 0, pad], mask [1, 1, 0], loss_mask [0, 1, 1]: the target at t = 1
+    # (token 0) counts → −log(1/4); t = 2 is padding, its loss_mask 1 is ignored. Mean over 2.
+    logits = jnp.tile(jnp.array([0.0, jnp.log(3.0)]), (2, 3, 1))  # [2, 3, 2]
+    ids = jnp.array([[0, 1, 1], [1, 0, 1]])
+    mask = jnp.array([[1, 1, 1], [1, 1, 0]])
+    loss_mask = jnp.array([[0, 0, 1], [0, 1, 1]])
+    expected = (-np.log(0.75) - np.log(0.25)) / 2
+    np.testing.assert_allclose(fn(logits, ids, mask, loss_mask), expected, rtol=1e-6)
+    total, count = next_token_terms(logits, ids, mask, loss_mask)
+    np.testing.assert_allclose([total, count], [-np.log(0.75) - np.log(0.25), 2.0], rtol=1e-6)
+    # a loss mask of ones is no loss mask
+    np.testing.assert_allclose(
+        fn(logits, ids, mask, jnp.ones_like(ids)), next_token_loss(logits, ids, mask), rtol=1e-6
+    )
+    # the loss mask of the first token never matters (it is nobody's target)
+    np.testing.assert_allclose(
+        fn(logits, ids, mask, loss_mask.at[:, 0].set(1)), expected, rtol=1e-6
+    )
+
+
+def _completion_batch():
+    from jaxrlhf.data import DataConfig, tokenize_sft
+
+    rows = [
+        {"prompt": f"the {noun} was", "completion": f" {adjective} ."}
+        for noun in ("food", "staff", "room", "view")
+        for adjective in ("great", "nice")
+    ]
+    return tokenize_sft(rows, tokenizer(), DataConfig())  # [8, 8]
+
+
+def test_train_sft_with_a_loss_mask_and_held_out_data():
+    batch = _completion_batch()
+    ids, mask, loss_mask = batch.input_ids, batch.attention_mask, batch.loss_mask
+    model = tiny_lm(len(tokenizer()))
+    # Full-batch steps: the first logged loss is the initial model's completion-only loss.
+    before = float(next_token_loss(model(ids, mask), ids, mask, loss_mask))
+    config = SFTConfig(steps=3, batch_size=6, warmup_steps=0, eval_fraction=0.25, eval_every=2)
+    seen = []
+    trained, metrics = train_sft(
+        model,
+        ids,
+        mask,
+        config,
+        loss_mask=loss_mask,
+        progress=False,
+        callback=lambda step, m: seen.append((step, "eval/loss" in m)),
+    )
+    assert seen == [(1, False), (2, True), (3, True)]
+    assert metrics["num_eval"] == 2 and len(metrics["eval_loss"]) == 2
+    train_index, eval_index = split_indices(8, 0.25, seed=0)
+    held = (ids[eval_index], mask[eval_index], loss_mask[eval_index])
+    np.testing.assert_allclose(
+        metrics["eval_loss"][-1],
+        next_token_loss(trained(held[0], held[1]), *held),
+        rtol=1e-5,
+    )
+    first = next_token_loss(model(ids[train_index], mask[train_index]), ids[train_index],
+                            mask[train_index], loss_mask[train_index])  # fmt: skip
+    np.testing.assert_allclose(metrics["loss"][0], first, rtol=1e-5)
+    assert before > 0 and metrics["loss"][-1] < metrics["loss"][0]
+
+
+def test_held_out_loss_in_batches_equals_the_whole_batch_loss():
+    batch = _completion_batch()
+    model = tiny_lm(len(tokenizer()))
+    data = tuple(batch[:3])
+    whole = next_token_loss(model(data[0], data[1]), *data)
+    # batches of 3 over 8 rows: the last one padded with rows that count nothing
+    np.testing.assert_allclose(held_out_loss(model, data, batch_size=3), whole, rtol=1e-5)

@@ -1,8 +1,9 @@
 """The one train step (jaxrlhf.train.state): under jax.pmap and shard_map it equals the
 single-device step, for a regression, for PPO, SFT and the reward model.
 
-tests/conftest.py forces 4 CPU devices. Each batch is split so that devices hold *different* numbers
-of valid tokens (one holds none), which is where a naive average of per-device means goes wrong.
+tests/conftest.py forces 8 CPU devices; these tests use 4 of them. Each batch is split so that devices
+hold *different* numbers of valid tokens (one holds none), which is where a naive average of
+per-device means goes wrong.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from jaxrlhf.train.optim import OptimizerConfig
 ADAM = OptimizerConfig(learning_rate=0.1, total_steps=10, schedule="constant", max_grad_norm=None)
 
 
-def test_four_devices_are_forced():
-    assert jax.local_device_count() == 4
+def test_eight_devices_are_forced():
+    assert jax.local_device_count() == 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,10 @@ class MSELoss:
         pred = jnp.tanh(x @ params["w"]) @ params["v"]  # [b]
         return {"mse": (masked_sum((pred - y) ** 2, mask), jnp.sum(mask)),
                 "abs": (masked_sum(jnp.abs(pred - y), mask), jnp.sum(mask))}  # fmt: skip
+
+
+def _four(mode):
+    return None if mode == "single" else 4
 
 
 def mse_loss(params, batch):
@@ -71,7 +76,7 @@ def test_wrappers_equal_the_single_device_step_on_a_regression(parallelism):
     params, batch = mse_problem()
     results = {}
     for mode in ("single", parallelism):
-        stepper = st.make_train_step(MSELoss(), ADAM, parallelism=mode)
+        stepper = st.make_train_step(MSELoss(), ADAM, parallelism=mode, num_devices=_four(mode))
         state = stepper.put_state(st.init_train_state(params, ADAM))
         for _ in range(3):
             state, metrics = stepper.step(state, stepper.put_batch(batch))
@@ -125,7 +130,9 @@ def test_ppo_update_is_the_same_under_data_parallelism_and_one_device(parallelis
     assert any(len(set(row.tolist())) > 1 for row in tokens)  # uneven across devices
     results = {}
     for mode in ("single", parallelism):
-        stepper = st.make_train_step(trainer.loss, trainer.config.optimizer, parallelism=mode)
+        stepper = st.make_train_step(
+            trainer.loss, trainer.config.optimizer, parallelism=mode, num_devices=_four(mode)
+        )
         results[mode] = st.run_steps(stepper, _copy(trainer.state.train), exp, minibatches)
     (single_state, single_metrics), (state, metrics) = results["single"], results[parallelism]
     assert int(state.step) == int(single_state.step) == 4

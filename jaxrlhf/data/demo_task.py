@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -231,6 +233,28 @@ class DemoTask:
         prompts = self.prompts if prompts is None else prompts
         return tokenize_prompts({"prompt": list(prompts)}, self.tokenizer, self.data_config)
 
+    def write_data_files(self, directory: str, pairs=None) -> dict[str, str]:
+        """The task's data as the files a user would bring (``jaxrlhf sft / train-rm / ppo``):
+        ``sft.jsonl`` (the corpus, ``text``), ``prompts.jsonl`` (the training prompts) and, given
+        annotated ``pairs`` (a dataset with prompt/chosen/rejected), ``prefs.jsonl``. Returns the
+        paths by name."""
+        os.makedirs(directory, exist_ok=True)
+        files = {
+            "sft": [{"text": s} for s in self.corpus],
+            "prompts": [{"prompt": p} for p in self.prompts],
+        }
+        if pairs is not None:
+            files["prefs"] = [
+                {"prompt": p, "chosen": c, "rejected": r}
+                for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])
+            ]
+        paths = {}
+        for name, rows in files.items():
+            paths[name] = os.path.join(directory, f"{name}.jsonl")
+            with open(paths[name], "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        return paths
+
     def decode(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> list[str]:
         """Texts of ``[N, T]`` token ids (positions where ``mask`` is 0 dropped, special tokens
         skipped), stripped of surrounding spaces."""
@@ -299,8 +323,11 @@ def build_demo_task(
     )
     corpus = sample_corpus(corpus_rng, num_sentences)
     tokenizer = train_bpe_tokenizer(corpus, vocab_size)
+    # Fixed widths: every prompt batch of the demo (training, evaluation, collection) has one shape.
     config = DataConfig(
-        max_prompt_length=max_prompt_length, max_response_length=max_response_length
+        max_prompt_length=max_prompt_length,
+        max_response_length=max_response_length,
+        padding="max_length",
     )
     return DemoTask(
         seed=seed,

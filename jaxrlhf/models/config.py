@@ -67,7 +67,14 @@ class ModelConfig:
     log-probs that do not change between rollout and training. Applied only when a dropout_rng is
     passed to the forward pass."""
     dtype: str = "float32"
-    """Parameter and activation dtype, "float32" or "bfloat16"; logits are always float32."""
+    """Parameter dtype, "float32" or "bfloat16" (the master weights when training)."""
+    compute_dtype: str | None = None
+    """Activation and matmul dtype, "float32" or "bfloat16" (None: the parameter dtype). bf16
+    compute with fp32 parameters is mixed precision: weights are cast per use, and logits, values,
+    log-probs and losses stay float32."""
+    remat: bool = False
+    """Recompute each transformer block's activations in the backward pass (activation
+    checkpointing, jax.checkpoint): less memory for one more forward pass; same results."""
     initializer_range: float = 0.02
     """Std of the normal initialisation of weight matrices."""
     hf_model_type: str | None = None
@@ -145,6 +152,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in DTYPES:
             raise ValueError(f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.compute_dtype not in (None, *DTYPES):
+            raise ValueError(
+                f"ModelConfig.compute_dtype must be None or one of {DTYPES}, "
+                f"got {self.compute_dtype!r}"
+            )
         if not self.initializer_range > 0:
             raise ValueError("ModelConfig.initializer_range must be > 0")
 

@@ -17,6 +17,7 @@ from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.layers import (
     LayerNorm,
     attend_with_cache,
+    call_block,
     dense,
     dropout,
     embedding,
@@ -111,7 +112,10 @@ class GPT2Model(nnx.Module):
         keys, values = [], []
         for i, block in enumerate(self.h):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = block(x, mask, layer_cache, cache_index, fold_rng(dropout_rng, i + 1))
+            x, layer_cache = call_block(
+                block, x, mask, layer_cache, cache_index, fold_rng(dropout_rng, i + 1),
+                remat=self.config.remat and cache is None,
+            )  # fmt: skip
             if cache is not None:
                 keys.append(layer_cache[0])
                 values.append(layer_cache[1])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import chex
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -88,9 +89,9 @@ class CausalLM(nnx.Module):
     def logits_from_hidden(self, hidden):
         """LM head in float32: hidden [B, T, D] → logits [B, T, V]."""
         if self.lm_head is None:
-            w = self.model.token_embedding()  # [V, D]
+            w = self.model.token_embedding().astype(hidden.dtype)  # [V, D] in compute dtype
             return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
-        w = self.lm_head.kernel[...]  # [D, V]
+        w = self.lm_head.kernel[...].astype(hidden.dtype)  # [D, V]
         return jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, attention_mask, *, dropout_rng=None):
@@ -181,3 +182,39 @@ class RewardModel(nnx.Module):
         scores = self.token_scores(input_ids, attention_mask, dropout_rng=dropout_rng)  # [B, T]
         last = last_token_index(attention_mask)  # [B]
         return jnp.take_along_axis(scores, last[:, None], axis=-1)[:, 0]  # [B]
+
+
+def with_precision(
+    model: nnx.Module,
+    *,
+    param_dtype: str | None = None,
+    compute_dtype: str | None = None,
+    remat: bool | None = None,
+) -> nnx.Module:
+    """The same model (same weights) rebuilt with another parameter dtype (the weights are cast),
+    compute dtype or activation checkpointing (``ModelConfig.dtype / compute_dtype / remat``).
+
+    Works on CausalLM, ActorCritic, ValueModel, RewardModel and on any module whose children are
+    those (e.g. a policy with a separate critic). Nothing is initialised: the new module's
+    structure comes from ``nnx.eval_shape`` and its values from ``model``.
+    """
+    changes = {"dtype": param_dtype, "compute_dtype": compute_dtype, "remat": remat}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+        return model
+    config = getattr(model, "config", None)
+    if config is None:  # a container of models (PolicyWithCritic): rebuild each child
+        clone = nnx.clone(model)
+        for name, child in vars(model).items():
+            if isinstance(child, nnx.Module):
+                rebuilt = with_precision(
+                    child, param_dtype=param_dtype, compute_dtype=compute_dtype, remat=remat
+                )
+                setattr(clone, name, rebuilt)
+        return clone
+    new_config = config.replace(**changes)
+    rebuilt = nnx.eval_shape(lambda: type(model)(new_config, rngs=nnx.Rngs(0)))
+    dtype = jnp_dtype(new_config)
+    state = jax.tree.map(lambda x: jnp.asarray(x, dtype), nnx.state(model))
+    nnx.update(rebuilt, state)
+    return rebuilt

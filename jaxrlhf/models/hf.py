@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from safetensors import safe_open
 from safetensors.flax import save_file
 
@@ -31,6 +32,7 @@ from jaxrlhf.models import gpt2, llama
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.heads import ActorCritic, CausalLM, RewardModel, ValueModel, scalar_head
 from jaxrlhf.models.layers import jnp_dtype
+from jaxrlhf.models.sharding import host_model, logical_axes, param_shardings, partition_spec
 
 HEADS = {"lm": CausalLM, "actor_critic": ActorCritic, "value": ValueModel, "reward": RewardModel}
 FAMILY_MODULES = {"gpt2": gpt2, "llama": llama}
@@ -47,8 +49,24 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------- reading
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, jnp.ndarray]:
-    """All tensors of a local HF checkpoint directory (single file or sharded) as jax arrays.
+class LazyTensor:
+    """One tensor of a safetensors file, read on demand, whole or a slice at a time."""
+
+    def __init__(self, file: str, key: str):
+        self.file, self.key = file, key
+        with safe_open(file, framework="flax") as f:
+            self.shape = tuple(f.get_slice(key).get_shape())
+
+    def read(self, index: tuple = ()) -> np.ndarray:
+        """``tensor[index]`` (a tuple of slices), reading only those bytes from the file."""
+        with safe_open(self.file, framework="flax") as f:
+            piece = f.get_slice(self.key)
+            return np.asarray(piece[index] if index else piece[:])
+
+
+def read_safetensors(path: str | os.PathLike, *, lazy: bool = False) -> dict:
+    """All tensors of a local HF checkpoint directory (single file or sharded) as jax arrays, or
+    with ``lazy`` as :class:`LazyTensor` handles that read slices on demand (sharded loading).
 
     Refuses pickle checkpoints (``*.bin``, ``*.pt``, ``*.pth``): loading them runs arbitrary code.
     """
@@ -84,7 +102,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, jnp.ndarray]:
     for file in files:
         with safe_open(file, framework="flax") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                tensors[key] = f.get_tensor(key)
+                tensors[key] = LazyTensor(file, key) if lazy else f.get_tensor(key)
     return tensors
 
 
@@ -96,16 +114,30 @@ def _param(module, path: tuple) -> nnx.Param:
     return obj
 
 
-def _assign(param: nnx.Param, tensor, name: str, *, transpose: bool, dtype) -> None:
-    array = jnp.asarray(tensor)
-    if transpose:
-        array = array.T
-    if array.shape != param.shape:
+def _assign(param: nnx.Param, tensor, name: str, *, transpose: bool, dtype, mesh=None, path=""):
+    """Set ``param`` from an HF tensor (transposed for Linear kernels: HF stores [out, in]).
+
+    With a device ``mesh`` the tensor is a LazyTensor and each device's block is read straight from
+    the file into the parameter's sharding (``models.sharding``): no process holds the whole tensor.
+    """
+    shape = tuple(tensor.shape)[::-1] if transpose else tuple(tensor.shape)
+    if shape != tuple(param.shape):
         raise CheckpointError(
             f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
             f"{tuple(param.shape[::-1]) if transpose else tuple(param.shape)}"
         )
-    param.set_value(array.astype(dtype))
+    if mesh is None:
+        array = jnp.asarray(tensor)
+        param.set_value((array.T if transpose else array).astype(dtype))
+        return
+    names = logical_axes(path, len(shape))
+    sharding = NamedSharding(mesh, partition_spec(names, shape, mesh))
+
+    def block(index):  # our [in, out] index → the HF [out, in] slice, transposed back
+        piece = tensor.read(tuple(index)[::-1] if transpose else tuple(index))
+        return (piece.T if transpose else piece).astype(dtype)
+
+    param.set_value(jax.make_array_from_callback(shape, sharding, block))
 
 
 def _normalise_names(tensors: dict, config: ModelConfig) -> dict:
@@ -128,7 +160,7 @@ def _take(tensors: dict, name: str, path: str):
     return tensors[name]
 
 
-def load_trunk(trunk, tensors: dict, config: ModelConfig, path: str) -> None:
+def load_trunk(trunk, tensors: dict, config: ModelConfig, path: str, mesh=None) -> None:
     """Fill a GPT2Model / LlamaModel from HF tensors, checking names and shapes."""
     dtype = jnp_dtype(config)
     for name, our_path, transpose in FAMILY_MODULES[config.family].hf_weight_names(config):
@@ -138,6 +170,8 @@ def load_trunk(trunk, tensors: dict, config: ModelConfig, path: str) -> None:
             name,
             transpose=transpose,
             dtype=dtype,
+            mesh=mesh,
+            path="/".join(map(str, our_path)),
         )
 
 
@@ -148,7 +182,7 @@ def _load_scalar_head(head: nnx.Linear, tensors: dict, weight: str, bias: str, d
 
 
 def from_pretrained(
-    path: str | os.PathLike, *, head: str = "lm", seed: int = 0, **config_overrides
+    path: str | os.PathLike, *, head: str = "lm", seed: int = 0, mesh=None, **config_overrides
 ) -> CausalLM | ActorCritic | ValueModel | RewardModel:
     """Load a local Hugging Face checkpoint directory (config.json + safetensors) as one of our models.
 
@@ -157,6 +191,9 @@ def from_pretrained(
       head: "lm" → CausalLM (logits = model(input_ids, attention_mask)); "actor_critic" →
         ActorCritic; "value" → ValueModel (separate critic); "reward" → RewardModel. Heads absent
         from the checkpoint (value head, reward score) are freshly initialised from ``seed``.
+      mesh: a device mesh (``models.sharding.make_mesh``): every parameter is created directly in
+        its sharding, each device's block read from the safetensors file on its own, so no process
+        ever holds a whole copy of the model.
       config_overrides: ModelConfig fields to change, e.g. dtype="bfloat16" or dropout=0.1.
     Raises CheckpointError (a ValueError) naming the missing/mis-shaped tensor or refused file, and
     ValueError naming an unsupported model_type.
@@ -167,12 +204,12 @@ def from_pretrained(
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = ModelConfig.from_hf(path, **config_overrides)
-    tensors = _normalise_names(read_safetensors(path), config)
+    tensors = _normalise_names(read_safetensors(path, lazy=mesh is not None), config)
     dtype = jnp_dtype(config)
     # Build the model abstractly (shapes only, no random init of weights we overwrite anyway).
     model = nnx.eval_shape(lambda: HEADS[head](config, rngs=nnx.Rngs(seed)))
     lm = model.lm if isinstance(model, ActorCritic) else model
-    load_trunk(lm.model, tensors, config, path)
+    load_trunk(lm.model, tensors, config, path, mesh)
     if isinstance(lm, CausalLM) and lm.lm_head is not None:
         _assign(
             lm.lm_head.kernel,
@@ -180,6 +217,8 @@ def from_pretrained(
             "lm_head.weight",
             transpose=True,
             dtype=dtype,
+            mesh=mesh,
+            path="lm_head/kernel",
         )
     if isinstance(model, (ActorCritic, RewardModel, ValueModel)):
         target = model.score if isinstance(model, RewardModel) else model.value_head
@@ -193,7 +232,10 @@ def from_pretrained(
         target.kernel.set_value(fresh.kernel[...])
         target.bias.set_value(fresh.bias[...])
         if names[0] in tensors:
-            _load_scalar_head(target, tensors, *names, dtype, path)
+            head_tensors = {k: tensors[k] for k in names if k in tensors}
+            if mesh is not None:  # a [1, D] head: small, read whole
+                head_tensors = {k: v.read() for k, v in head_tensors.items()}
+            _load_scalar_head(target, head_tensors, *names, dtype, path)
     unset = [
         jax.tree_util.keystr(p)
         for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model))
@@ -201,6 +243,9 @@ def from_pretrained(
     ]
     if unset:  # a bug in the tables above, not in the checkpoint
         raise RuntimeError(f"parameters left unloaded: {unset}")
+    if mesh is not None:  # the small heads, initialised or read whole, to their place too
+        state = nnx.state(model)
+        nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
     return model
 
 
@@ -249,8 +294,14 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, pad_token
     Files are written to a temporary directory next to ``path`` and renamed into place, so a crash
     never leaves a half-written checkpoint over a good one. Files of an existing ``path`` that we do
     not write (e.g. tokenizer files) are kept; old weight files are replaced.
+
+    A model sharded over a device mesh is gathered first. In a multi-process run every process must
+    call this (the gather is a collective); process 0 writes the files.
     """
     path = os.path.abspath(os.fspath(path))
+    model = host_model(model)
+    if jax.process_index() != 0:
+        return
     tensors, architecture = hf_tensors(model)
     config = model.config
     if pad_token_id is None and tokenizer is not None:

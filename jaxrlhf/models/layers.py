@@ -16,37 +16,51 @@ from flax import nnx, struct
 
 from jaxrlhf.models.config import ModelConfig
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 def jnp_dtype(config: ModelConfig):
-    """The parameter/activation dtype of a config."""
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    """The parameter dtype of a config."""
+    return DTYPES[config.dtype]
+
+
+def compute_dtype(config: ModelConfig):
+    """The activation / matmul dtype of a config (the parameter dtype unless set)."""
+    return DTYPES[config.compute_dtype or config.dtype]
 
 
 def dense(config: ModelConfig, d_in: int, d_out: int, *, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
-    """A Linear layer, kernel [d_in, d_out] ~ N(0, initializer_range²), zero bias."""
-    dtype = jnp_dtype(config)
+    """A Linear layer, kernel [d_in, d_out] ~ N(0, initializer_range²), zero bias; parameters in
+    the parameter dtype, inputs and kernel cast to the compute dtype for the matmul."""
     return nnx.Linear(
         d_in,
         d_out,
         use_bias=bias,
         kernel_init=nnx.initializers.normal(config.initializer_range),
-        dtype=dtype,
-        param_dtype=dtype,
+        dtype=compute_dtype(config),
+        param_dtype=jnp_dtype(config),
         rngs=rngs,
     )
 
 
 def embedding(config: ModelConfig, num: int, dim: int, *, rngs: nnx.Rngs) -> nnx.Embed:
-    """An embedding table [num, dim] ~ N(0, initializer_range²)."""
-    dtype = jnp_dtype(config)
+    """An embedding table [num, dim] ~ N(0, initializer_range²); looked-up rows in compute dtype."""
     return nnx.Embed(
         num,
         dim,
         embedding_init=nnx.initializers.normal(config.initializer_range),
-        dtype=dtype,
-        param_dtype=dtype,
+        dtype=compute_dtype(config),
+        param_dtype=jnp_dtype(config),
         rngs=rngs,
     )
+
+
+def call_block(block: nnx.Module, *args, remat: bool = False):
+    """``block(*args)``; with ``remat`` its activations are not kept for the backward pass but
+    recomputed there (``nnx.remat``, i.e. ``jax.checkpoint``): activation checkpointing."""
+    if remat:
+        return nnx.remat(lambda block, *args: block(*args))(block, *args)
+    return block(*args)
 
 
 class LayerNorm(nnx.Module):
@@ -76,7 +90,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):  # [..., D]
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
-        return self.weight[...] * y.astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
 
 
 def dropout(x, rate: float, rng):
@@ -200,7 +214,7 @@ class KVCache:
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, length: int) -> KVCache:
         shape = (batch, config.num_kv_heads, length, config.head_dim)
-        dtype = jnp_dtype(config)
+        dtype = compute_dtype(config)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(keys=zeros, values=zeros)
 

@@ -20,6 +20,7 @@ from jaxrlhf.models.layers import (
     RMSNorm,
     apply_rope,
     attend_with_cache,
+    call_block,
     dense,
     embedding,
     fold_rng,
@@ -115,9 +116,10 @@ class LlamaModel(nnx.Module):
         keys, values = [], []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = block(
-                x, cos, sin, mask, layer_cache, cache_index, fold_rng(dropout_rng, i)
-            )
+            x, layer_cache = call_block(
+                block, x, cos, sin, mask, layer_cache, cache_index, fold_rng(dropout_rng, i),
+                remat=self.config.remat and cache is None,
+            )  # fmt: skip
             if cache is not None:
                 keys.append(layer_cache[0])
                 values.append(layer_cache[1])

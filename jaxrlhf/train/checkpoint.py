@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
 
 
 def _manager(directory: str | os.PathLike, *, keep: int | None = None) -> ocp.CheckpointManager:
@@ -77,7 +78,7 @@ def save_checkpoint(
         saved = manager.save(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(jax.device_get(state)),
+                state=ocp.args.StandardSave(jax.tree.map(_savable, state)),
                 config=ocp.args.JsonSave(_config_dict(config)),
             ),
         )
@@ -118,9 +119,12 @@ def restore_checkpoint(
     ``target`` is a pytree with the same structure, shapes and dtypes as the saved state (e.g. a
     freshly initialised train state); only its structure is used. Returns (state, config dict).
 
-    The arrays come back as ordinary (uncommitted, default-device) arrays, like freshly computed
-    ones: orbax hands back arrays *committed* to a device, and jit treats those as a different
-    input signature, which would recompile every program after a resume.
+    Where ``target``'s arrays are sharded over a device mesh, each array is read straight into
+    that sharding (every process reads only its shards), whatever mesh the checkpoint was written
+    from: that is how a run resumes on a different mesh. Otherwise the arrays come back as ordinary
+    (uncommitted, default-device) arrays, like freshly computed ones: orbax hands back arrays
+    *committed* to a device, and jit treats those as a different input signature, which would
+    recompile every program after a resume.
     """
     manager = _manager(directory)
     try:
@@ -128,7 +132,7 @@ def restore_checkpoint(
             step = manager.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint under {os.fspath(directory)!r}")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree.map(_abstract, target)
         restored = manager.restore(
             int(step),
             args=ocp.args.Composite(
@@ -137,5 +141,26 @@ def restore_checkpoint(
         )
     finally:
         manager.close()
-    state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored["state"])
+    state = jax.tree.map(_uncommitted, restored["state"], target)
     return state, dict(restored["config"] or {})
+
+
+def _savable(x):
+    """Arrays sharded over a mesh as they are (orbax writes each process's shards); everything
+    else (one device, numpy) as a host copy, which every process holds alike."""
+    return x if _on_mesh(x) else np.asarray(x)
+
+
+def _on_mesh(x) -> bool:
+    return isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh.size > 1
+
+
+def _abstract(x):
+    """What orbax restores ``x`` as: shape, dtype and, on a mesh, its sharding."""
+    if _on_mesh(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return ocp.utils.to_shape_dtype_struct(x)
+
+
+def _uncommitted(restored, target):
+    return restored if _on_mesh(target) else jnp.asarray(np.asarray(restored))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxrlhf import rl
+from jaxrlhf.models.sharding import param_shardings
 from jaxrlhf.rollout import Rollout, concat_prompt_response, response_slice, score_sequences
 
 
@@ -228,13 +229,16 @@ def _reward_model_scores(state, prompt_ids, prompt_mask, response_ids, response_
     return score_sequences(model, prompt_ids, prompt_mask, response_ids, response_mask)
 
 
-def reward_model_fn(reward_model: nnx.Module) -> Callable:
+def reward_model_fn(reward_model: nnx.Module, *, mesh=None) -> Callable:
     """``reward_fn(prompt_ids, prompt_mask, rollout) -> scores [B]`` of a RewardModel (jitted).
 
     The reward model reads its score at the last real token of prompt ⧺ response (the EOS, or the
-    last generated token when there is none).
+    last generated token when there is none). With a device ``mesh`` its parameters are sharded
+    like the policy's (``models.sharding``).
     """
     graphdef, state = nnx.split(reward_model)
+    if mesh is not None:
+        state = jax.device_put(state, param_shardings(state, mesh))
 
     def reward_fn(prompt_ids, prompt_mask, rollout):
         return _reward_model_scores(

@@ -21,16 +21,35 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxrlhf.config import option, require
+from jaxrlhf.models.heads import with_precision
+from jaxrlhf.models.sharding import make_mesh, parse_mesh
 from jaxrlhf.train.checkpoint import latest_step, restore_checkpoint, save_checkpoint
-from jaxrlhf.train.state import PARALLELISM, ParallelStep, TrainState
+from jaxrlhf.train.state import PARALLELISM, ParallelStep, TrainState, make_train_step
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoopConfig:
     """Devices and checkpoints (shared by SFTConfig, RewardConfig and PPOConfig)."""
 
-    parallelism: str = option("single", "Train-step data parallelism: single | pmap | shard_map.")
+    parallelism: str = option(
+        "single",
+        "single (one device) | mesh (GSPMD over --*-mesh: sharded parameters, the scalable path) | "
+        "pmap | shard_map (the readable data-parallel versions).",
+    )
+    mesh: str | None = option(
+        None,
+        "Device mesh for parallelism=mesh, e.g. data=2,fsdp=2,tensor=2 (the sizes multiply to the "
+        "number of devices; None: all devices on data).",
+    )
     num_devices: int | None = option(None, "Devices for pmap/shard_map (None: all local).")
+    compute_dtype: str = option(
+        "float32",
+        "Activation/matmul dtype of the trained model: float32 | bfloat16 (mixed precision: the "
+        "parameters and Adam state stay float32; logits, log-probs, values and losses float32).",
+    )
+    remat: bool = option(
+        False, "Activation checkpointing: recompute each block in the backward pass (less memory)."
+    )
     checkpoint_dir: str | None = option(None, "Directory for orbax checkpoints (None: none).")
     checkpoint_every: int = option(0, "Save every this many steps/iterations (0: only at the end).")
     keep_checkpoints: int = option(2, "Most recent checkpoints to keep.")
@@ -47,6 +66,49 @@ class LoopConfig:
         )
         require(self.checkpoint_every >= 0, self, "checkpoint_every", "must be ≥ 0")
         require(self.keep_checkpoints >= 1, self, "keep_checkpoints", "must be ≥ 1")
+        require(
+            self.mesh is None or self.parallelism == "mesh",
+            self,
+            "mesh",
+            "is used only with parallelism = 'mesh'",
+        )
+        require(
+            self.compute_dtype in ("float32", "bfloat16"),
+            self,
+            "compute_dtype",
+            "must be float32 or bfloat16",
+        )
+        if self.mesh:
+            try:
+                parse_mesh(self.mesh)
+            except ValueError as err:
+                require(False, self, "mesh", str(err))
+
+    def device_mesh(self):
+        """The jax Mesh of parallelism = "mesh" (None otherwise)."""
+        if self.parallelism != "mesh":
+            return None
+        try:
+            return make_mesh(self.mesh)
+        except ValueError as err:  # e.g. sizes that do not multiply to the number of devices
+            raise ValueError(f"{type(self).__name__}.mesh = {self.mesh!r}: {err}") from None
+
+    def trainable(self, model):
+        """``model`` in float32 parameters (the master weights) with this compute dtype and remat."""
+        return with_precision(
+            model, param_dtype="float32", compute_dtype=self.compute_dtype, remat=self.remat
+        )
+
+    def train_step(self, loss, optimizer, params) -> ParallelStep:
+        """The train step of ``loss`` with these devices (``state.make_train_step``)."""
+        return make_train_step(
+            loss,
+            optimizer,
+            parallelism=self.parallelism,
+            num_devices=self.num_devices,
+            mesh=self.device_mesh(),
+            params=params,
+        )
 
 
 LOOP_FIELDS = tuple(f.name for f in dataclasses.fields(LoopConfig))

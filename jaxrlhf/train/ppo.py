@@ -37,13 +37,15 @@ from tqdm.auto import tqdm
 
 from jaxrlhf import rl
 from jaxrlhf.models import ActorCritic, CausalLM, RewardModel, ValueModel
+from jaxrlhf.models.heads import with_precision
+from jaxrlhf.models.sharding import param_shardings
 from jaxrlhf.rollout import sample
 from jaxrlhf.train.checkpoint import save_checkpoint
 from jaxrlhf.train.experience import missing_eos_penalty, reward_model_fn, score_rollout
 from jaxrlhf.train.loop import restore_run
 from jaxrlhf.train.ppo_config import PPOConfig, resume_may_change
 from jaxrlhf.train.ppo_loss import PPOLoss
-from jaxrlhf.train.state import TrainState, init_train_state, make_train_step, run_steps
+from jaxrlhf.train.state import TrainState, init_train_state, put_batch, run_steps
 
 
 @struct.dataclass
@@ -205,22 +207,24 @@ class PPOTrainer:
             temperature=config.temperature,
             aggregation=config.loss_aggregation,
         )
-        self.stepper = make_train_step(
-            self.loss,
-            config.optimizer,
-            parallelism=config.parallelism,
-            num_devices=config.num_devices,
-        )
+        self.stepper = config.train_step(self.loss, config.optimizer, params)
         if config.minibatch_size % self.stepper.num_devices:
             raise ValueError(
                 f"PPOConfig.num_minibatches = {config.num_minibatches}: the minibatch size "
                 f"{config.minibatch_size} must be divisible by {self.stepper.num_devices} devices"
             )
-        self.state = PPOState(
-            train=init_train_state(params, config.optimizer),
-            rng=jax.random.PRNGKey(config.seed),
-            iteration=jnp.zeros((), jnp.int32),
-            kl=rl.AdaptiveKLState(kl_coef=jnp.asarray(config.kl_coef, jnp.float32)),
+        self.mesh = self.stepper.mesh if config.parallelism == "mesh" else None
+        if self.mesh is not None:  # the frozen reference is sharded like the policy
+            self.reference_state = jax.device_put(
+                self.reference_state, param_shardings(self.reference_state, self.mesh)
+            )
+        self.state = self._placed(
+            PPOState(
+                train=init_train_state(params, config.optimizer),
+                rng=jax.random.PRNGKey(config.seed),
+                iteration=jnp.zeros((), jnp.int32),
+                kl=rl.AdaptiveKLState(kl_coef=jnp.asarray(config.kl_coef, jnp.float32)),
+            )
         )
 
     @classmethod
@@ -243,17 +247,21 @@ class PPOTrainer:
             raise ValueError("give exactly one of reward_model and reward_fn")
         if config.critic_init == "reward_model" and reward_model is None:
             raise ValueError("PPOConfig.critic_init = 'reward_model' needs a reward_model")
+        critic_source = reward_model if config.critic_init == "reward_model" else None
         policy = init_policy(
-            sft,
+            config.trainable(sft),
             separate_critic=config.separate_critic,
-            critic_init=reward_model if config.critic_init == "reward_model" else None,
+            critic_init=critic_source and config.trainable(critic_source),
             rngs=nnx.Rngs(config.seed),
         )
-        reward_fn = reward_fn or reward_model_fn(reward_model)
+        frozen = {"param_dtype": config.frozen_dtype, "compute_dtype": config.compute_dtype}
+        if reward_fn is None:
+            reward_model = with_precision(reward_model, **frozen)
+            reward_fn = reward_model_fn(reward_model, mesh=config.device_mesh())
         return cls(
             config,
             policy,
-            sft,
+            with_precision(sft, **frozen),
             reward_fn,
             prompt_ids,
             prompt_mask,
@@ -309,7 +317,16 @@ class PPOTrainer:
         """The prompts of iteration ``iteration`` (ids and mask [B, P])."""
         c = self.config
         idx = prompt_batch_indices(len(self.prompt_ids), c.batch_size, iteration, c.seed)
-        return jnp.asarray(self.prompt_ids[idx]), jnp.asarray(self.prompt_mask[idx])
+        batch = (self.prompt_ids[idx], self.prompt_mask[idx])
+        if self.mesh is not None:
+            return put_batch(batch, self.mesh)
+        return jnp.asarray(batch[0]), jnp.asarray(batch[1])
+
+    def _placed(self, state: PPOState) -> PPOState:
+        """``state`` with its train state laid out for the train step (sharded on a mesh)."""
+        if self.mesh is None:
+            return state
+        return state.replace(train=self.stepper.put_state(state.train))
 
     def _metrics(self, state, rollout_metrics, train_metrics, start) -> dict[str, float]:
         c = self.config
@@ -382,9 +399,10 @@ class PPOTrainer:
         Refuses a checkpoint saved with settings that change the run (batch size, seed, any
         hyperparameter; devices and checkpointing may change), naming the fields.
         """
-        self.state = restore_run(
+        state = restore_run(
             directory, self.state, self.config, may_change=resume_may_change(self.config)
         )
+        self.state = self._placed(state)
         return int(self.state.iteration)
 
     def policy(self) -> nnx.Module:

@@ -70,6 +70,11 @@ class PPOConfig(LoopConfig):
     separate_critic: bool = option(
         False, "Separate ValueModel instead of a value head on the actor."
     )
+    frozen_dtype: str = option(
+        "float32",
+        "Parameter dtype of the frozen reference and reward model: float32 | bfloat16 (half the "
+        "memory; their log-probs and scores are still computed in float32 at the output).",
+    )
     critic_init: str = option(
         "sft",
         "Critic start: sft (SFT trunk, zero value head) | reward_model (the reward model's trunk "
@@ -153,6 +158,12 @@ class PPOConfig(LoopConfig):
         )
         require(
             self.critic_init in CRITIC_INITS, self, "critic_init", f"must be one of {CRITIC_INITS}"
+        )
+        require(
+            self.frozen_dtype in ("float32", "bfloat16"),
+            self,
+            "frozen_dtype",
+            "must be float32 or bfloat16",
         )
         require(
             self.critic_init != "reward_model" or self.separate_critic,

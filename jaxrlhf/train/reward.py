@@ -37,7 +37,7 @@ from jaxrlhf.data.preference import PairBatch
 from jaxrlhf.rl import bradley_terry_loss
 from jaxrlhf.train.loop import LoopConfig, fit
 from jaxrlhf.train.optim import OptimizerConfig
-from jaxrlhf.train.state import Means, init_train_state, make_train_step
+from jaxrlhf.train.state import Means, init_train_state
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,6 +51,10 @@ class RewardConfig(LoopConfig):
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value (0: no clip).")
     margin: float = option(0.0, "Bradley-Terry margin m: loss −log σ(r_c − r_r − m).")
+    margin_from_scores: bool = option(
+        False,
+        "Per-pair margin m = score_chosen − score_rejected from scored data (replaces margin).",
+    )
     center_rewards_coefficient: float | None = option(
         None, "Weight c of the centring term c·mean((r_c + r_r)²) (trl); None: off."
     )
@@ -291,10 +295,15 @@ def train_reward_model(
       batch), ``eval_accuracy``, ``eval_loss`` (held-out accuracy and Bradley-Terry loss without
       margin, after each epoch), ``num_train_pairs``, ``num_eval_pairs``.
     """
+    if config.margin_from_scores and margins is None:
+        raise ValueError(
+            "RewardConfig.margin_from_scores = True: pass the margins (score_chosen − "
+            "score_rejected), which only scored data has"
+        )
     pairs, margins, eval_pairs = _split_pairs(pairs, margins, config, eval_pairs)
     steps_per_epoch = len(margins) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
-    graphdef, params = nnx.split(reward_model)
+    graphdef, params = nnx.split(config.trainable(reward_model))
     optimizer = config.optimizer(total_steps)
     loss = BradleyTerryLoss(graphdef, config.center_rewards_coefficient)
     evals: list[dict[str, float]] = []
@@ -304,9 +313,7 @@ def train_reward_model(
             evals.append(held_out_metrics(nnx.merge(graphdef, state.params), eval_pairs))
 
     state, history = fit(
-        make_train_step(
-            loss, optimizer, parallelism=config.parallelism, num_devices=config.num_devices
-        ),
+        config.train_step(loss, optimizer, params),
         init_train_state(params, optimizer),
         (*pairs[:4], margins),
         batch_size=config.batch_size,

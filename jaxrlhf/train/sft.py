@@ -1,11 +1,14 @@
 """Supervised fine-tuning: the base policy learns the corpus by next-token prediction.
 
-    L(θ) = − Σ_{b,t} m_{b,t+1} · log π_θ(x_{b,t+1} | x_{b,≤t}) / Σ_{b,t} m_{b,t+1}
+    L(θ) = − Σ_{b,t} w_{b,t+1} · log π_θ(x_{b,t+1} | x_{b,≤t}) / Σ_{b,t} w_{b,t+1},
+    w_{b,t+1} = m_{b,t} · m_{b,t+1} · ℓ_{b,t+1}
 
-over a batch of right- (or left-) padded sequences x [B, T] with mask m (1 = real token); a target
-counts only when both it and its context token are real. This is the "SFT" stage before RLHF
+over a batch of right- (or left-) padded sequences x [B, T] with mask m (1 = real token): a target
+counts only when both it and its context token are real, and — with a loss mask ℓ — only where ℓ
+marks it (the completion of a prompt/completion pair, the assistant turns of a chat: trl's
+``completion_only_loss``; no ℓ: every real token). This is the "SFT" stage before RLHF
 (Ouyang et al. 2022, arXiv:2203.02155 §3.5): the policy that PPO starts from and the reference it
-is kept close to.
+is kept close to. The data side (formats, loss masks) is :mod:`jaxrlhf.data.sft`.
 
 Training runs through the trainers' one train step (``jaxrlhf.train.state``): the loss is a
 :class:`NextTokenLoss`, a (sum, count) pair of the negative log-likelihood, so SFT gets the same
@@ -15,9 +18,12 @@ data parallelism (pmap / shard_map), gradient-norm logging, buffer donation and 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -26,7 +32,7 @@ from jaxrlhf.config import option, require
 from jaxrlhf.rl import masked_sum, token_logprobs
 from jaxrlhf.train.loop import LoopConfig, fit
 from jaxrlhf.train.optim import OptimizerConfig
-from jaxrlhf.train.state import Means, init_train_state, make_train_step
+from jaxrlhf.train.state import Means, init_train_state
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,7 +45,18 @@ class SFTConfig(LoopConfig):
     warmup_steps: int = option(30, "Linear learning-rate warm-up steps.")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value (0: no clip).")
-    seed: int = option(0, "Seed of the batch shuffling.")
+    seed: int = option(0, "Seed of the batch shuffling and the held-out split.")
+    completion_only_loss: bool = option(
+        True,
+        "Count only the completion (prompt/completion data) or the assistant turns (chat data) "
+        "in the loss; off: every token.",
+    )
+    eval_fraction: float = option(
+        0.0,
+        "Fraction of sequences held out for the held-out loss when no held-out data is given "
+        "(the data's own test split replaces it).",
+    )
+    eval_every: int = option(0, "Measure the held-out loss every this many steps (0: at the end).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -49,6 +66,8 @@ class SFTConfig(LoopConfig):
         require(0 <= self.warmup_steps < self.steps, self, "warmup_steps", "must be in [0, steps)")
         require(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
         require(self.max_grad_norm >= 0, self, "max_grad_norm", "must be >= 0")
+        require(0 <= self.eval_fraction < 1, self, "eval_fraction", "must be in [0, 1)")
+        require(self.eval_every >= 0, self, "eval_every", "must be >= 0")
 
     @property
     def optimizer(self) -> OptimizerConfig:
@@ -60,6 +79,10 @@ class SFTConfig(LoopConfig):
             max_grad_norm=self.max_grad_norm if self.max_grad_norm > 0 else None,
             weight_decay=self.weight_decay,
         )
+
+
+# The `jaxrlhf sft` command's defaults: a held-out fraction when the data has no test split.
+SFT_DEFAULTS = SFTConfig(eval_fraction=0.05)
 
 
 def tiny_model_config(vocab_size: int, *, max_position_embeddings: int = 64, **overrides):
@@ -77,39 +100,72 @@ def tiny_model_config(vocab_size: int, *, max_position_embeddings: int = 64, **o
     return ModelConfig(**{**fields, **overrides})
 
 
-def next_token_terms(logits, input_ids, attention_mask) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(Σ −log π(x_{t+1} | x_≤t), number of predicted tokens): the SFT loss as a (sum, count) pair.
+def next_token_terms(
+    logits, input_ids, attention_mask, loss_mask=None
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(Σ w·(−log π(x_{t+1} | x_≤t)), Σ w): the SFT loss as a (sum, count) pair, w the targets
+    that count (module docstring).
 
     Args:
       logits: [B, T, V] float32; logits[:, t] predict input_ids[:, t + 1].
       input_ids: [B, T] int.
       attention_mask: [B, T] 0/1.
+      loss_mask: optional [B, T] 0/1, 1 at the tokens that count as targets (e.g. the completion
+        only); None: every real token.
     """
     chex.assert_rank([logits, input_ids, attention_mask], [3, 2, 2])
     chex.assert_equal_shape([input_ids, attention_mask])
     logprobs = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # [B, T-1]
     mask = attention_mask[:, 1:] * attention_mask[:, :-1]  # [B, T-1]
+    if loss_mask is not None:
+        chex.assert_equal_shape([input_ids, loss_mask])
+        mask = mask * loss_mask[:, 1:]  # [B, T-1]
     return -masked_sum(logprobs, mask), jnp.sum(mask.astype(jnp.float32))
 
 
-def next_token_loss(logits, input_ids, attention_mask):
+def next_token_loss(logits, input_ids, attention_mask, loss_mask=None):
     """Masked next-token cross-entropy (the SFT loss in the module docstring): the mean negative
-    log-likelihood per predicted token (0 when no token is predicted)."""
-    total, count = next_token_terms(logits, input_ids, attention_mask)
+    log-likelihood per counted target (0 when none counts)."""
+    total, count = next_token_terms(logits, input_ids, attention_mask, loss_mask)
     return total / jnp.maximum(count, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class NextTokenLoss:
-    """The SFT loss of a CausalLM (``graphdef``) on a batch (input_ids, attention_mask)."""
+    """The SFT loss of a CausalLM (``graphdef``) on a batch (input_ids, attention_mask) or
+    (input_ids, attention_mask, loss_mask)."""
 
     graphdef: Any
     weights: tuple[tuple[str, float], ...] = (("sft/nll", 1.0),)
 
     def __call__(self, params, batch) -> Means:
-        ids, mask = batch
+        ids, mask, *loss_mask = batch
         lm = nnx.merge(self.graphdef, params)
-        return {"sft/nll": next_token_terms(lm(ids, mask), ids, mask)}
+        return {"sft/nll": next_token_terms(lm(ids, mask), ids, mask, *loss_mask)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nll_terms(loss: NextTokenLoss, params, batch):
+    return loss(params, batch)["sft/nll"]
+
+
+def held_out_loss(model, data: tuple, *, batch_size: int = 64) -> float:
+    """Mean next-token NLL of ``model`` on held-out ``data`` = (input_ids, attention_mask[,
+    loss_mask]) [N, T] each: Σ sums / Σ counts over batches (the last one padded with rows that
+    count nothing, so one compiled program serves all)."""
+    graphdef, params = nnx.split(model)
+    loss = NextTokenLoss(graphdef)
+    data = tuple(np.asarray(a) for a in data)
+    n, total, count = len(data[0]), 0.0, 0.0
+    size = min(batch_size, n)
+    for start in range(0, n, size):
+        batch = [a[start : start + size] for a in data]
+        short = size - len(batch[0])
+        if short:  # zero masks: the padding rows predict nothing
+            batch = [np.concatenate([a, np.zeros((short, *a.shape[1:]), a.dtype)]) for a in batch]
+        s, c = _nll_terms(loss, params, tuple(batch))
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
 
 
 def train_sft(
@@ -118,7 +174,10 @@ def train_sft(
     attention_mask: np.ndarray,
     config: SFTConfig,
     *,
+    loss_mask: np.ndarray | None = None,
+    eval_data: tuple | None = None,
     progress: bool = True,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train a CausalLM on fixed-shape sequences by next-token prediction.
 
@@ -128,34 +187,63 @@ def train_sft(
       attention_mask: [N, T] 0/1.
       config: the hyperparameters (and devices / checkpoints: a run with ``checkpoint_dir``
         resumes from the latest checkpoint there).
+      loss_mask: optional [N, T] 0/1, the tokens that count as targets (``jaxrlhf.data.sft``);
+        None: every real token.
+      eval_data: held-out (input_ids, attention_mask[, loss_mask]); None: ``config.eval_fraction``
+        of the sequences are held out (none by default).
       progress: show a tqdm progress bar.
+      callback: ``callback(step, metrics)`` after every step (metrics with ``eval/loss`` where the
+        held-out loss was measured).
     Returns:
-      (trained model, metrics) with metrics["loss"] the per-step training loss (list of floats)
-      and metrics["grad_norm"].
+      (trained model, metrics) with metrics["loss"] the per-step training loss (list of floats),
+      metrics["grad_norm"], metrics["num_train"], and with held-out data metrics["eval_loss"]
+      (list: every ``config.eval_every`` steps and at the end) and metrics["num_eval"].
     """
     chex.assert_rank([input_ids, attention_mask], 2)
     chex.assert_equal_shape([input_ids, attention_mask])
-    if len(input_ids) < config.batch_size:
+    data = (np.asarray(input_ids), np.asarray(attention_mask))
+    if loss_mask is not None:
+        chex.assert_equal_shape([input_ids, loss_mask])
+        data += (np.asarray(loss_mask),)
+    if eval_data is None and config.eval_fraction > 0:
+        from jaxrlhf.train.reward import split_indices
+
+        train_index, eval_index = split_indices(len(data[0]), config.eval_fraction, config.seed)
+        data, eval_data = (tuple(a[i] for a in data) for i in (train_index, eval_index))
+    if eval_data is not None and len(eval_data[0]) == 0:
+        eval_data = None
+    if len(data[0]) < config.batch_size:
         raise ValueError(
-            f"SFTConfig.batch_size = {config.batch_size}: larger than the {len(input_ids)} sequences"
+            f"SFTConfig.batch_size = {config.batch_size}: larger than the {len(data[0])} "
+            "training sequences"
         )
-    graphdef, params = nnx.split(model)
-    stepper = make_train_step(
-        NextTokenLoss(graphdef),
-        config.optimizer,
-        parallelism=config.parallelism,
-        num_devices=config.num_devices,
-    )
+    graphdef, params = nnx.split(config.trainable(model))
+    evals: list[float] = []
+
+    def after_step(step, metrics, state):
+        if eval_data is not None and (
+            step == config.steps or (config.eval_every and step % config.eval_every == 0)
+        ):
+            evals.append(held_out_loss(nnx.merge(graphdef, state.params), eval_data))
+            metrics = {**metrics, "eval/loss": evals[-1]}
+        if callback is not None:
+            callback(step, metrics)
+
+    stepper = config.train_step(NextTokenLoss(graphdef), config.optimizer, params)
     state, history = fit(
         stepper,
         init_train_state(params, config.optimizer),
-        (np.asarray(input_ids), np.asarray(attention_mask)),
+        data,
         batch_size=config.batch_size,
         steps=config.steps,
         seed=config.seed,
         config=config,
         desc="sft",
         progress=progress,
+        callback=after_step if eval_data is not None or callback is not None else None,
     )
-    metrics = {name: [m[name] for m in history] for name in ("loss", "grad_norm")}
+    metrics: dict[str, Any] = {name: [m[name] for m in history] for name in ("loss", "grad_norm")}
+    metrics["num_train"] = len(data[0])
+    if eval_data is not None:
+        metrics.update(eval_loss=evals, num_eval=len(eval_data[0]))
     return nnx.merge(graphdef, state.params), metrics

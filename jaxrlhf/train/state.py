@@ -12,9 +12,13 @@ has ``weights``, the coefficients of the terms that make the objective:
 counts add across devices, so each device divides its own sum by the *global* count (a ``psum`` of
 the counts, which do not depend on θ) and the ``psum`` of the per-device gradients is exactly ∇L of
 the global batch, however unevenly the valid tokens fall on the devices. The same per-device
-function is wrapped three ways (``make_train_step``):
+function is wrapped four ways (``make_train_step``):
 
-* ``"single"``: ``jax.jit(train_step)``;
+* ``"single"``: ``jax.jit(train_step)`` on one device;
+* ``"mesh"``: the same jitted step over a (data, fsdp, tensor) device mesh (``models.sharding``):
+  parameters and optimiser state sharded by the model's rules, the batch split over (data, fsdp);
+  GSPMD partitions the program and inserts the collectives. The step is written for one device —
+  sums and counts are global arrays, so no explicit psum — and this is the path that scales;
 * ``"pmap"``: ``jax.pmap(train_step, axis_name="data")``: the state is replicated along a leading
   device axis and the batch reshaped to ``[n_devices, B / n_devices, ...]``;
 * ``"shard_map"``: ``jax.jit(jax.shard_map(train_step, in_specs=(P(), P("data")), ...))`` over a 1-D
@@ -44,9 +48,15 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrlhf.models.sharding import (
+    batch_divisor,
+    batch_sharding,
+    param_shardings,
+    path_string,
+)
 from jaxrlhf.train.optim import OptimizerConfig
 
-PARALLELISM = ("single", "pmap", "shard_map")
+PARALLELISM = ("single", "mesh", "pmap", "shard_map")
 AXIS = "data"
 
 Means = dict[str, tuple[jax.Array, jax.Array]]  # name → (sum over this batch, count)
@@ -156,7 +166,7 @@ def check_divisible(batch: Any, n: int) -> None:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by {n} devices")
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
+def data_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D ``data`` mesh over the first ``num_devices`` devices (all of them by default)."""
     devices = jax.devices()
     num_devices = len(devices) if num_devices is None else num_devices
@@ -178,6 +188,44 @@ def _shard_map_step(state, batch, loss, optimizer, mesh):
     return sharded(state, batch)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4), donate_argnums=0)
+def _mesh_step(state, batch, loss, optimizer, layout):
+    treedef, shardings = layout
+    state_sharding = jax.tree.unflatten(treedef, shardings)
+    state = jax.lax.with_sharding_constraint(state, state_sharding)
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharding(shardings[0].mesh))
+    state, metrics = train_step(state, batch, loss, optimizer)
+    return jax.lax.with_sharding_constraint(state, state_sharding), metrics
+
+
+def mesh_layout(params: Any, optimizer: OptimizerConfig, mesh: Mesh) -> tuple:
+    """Where every leaf of the TrainState of ``params`` lives on ``mesh``, as a hashable
+    (treedef, shardings) pair: parameters by the model's sharding rules, each optimiser-state leaf
+    like the parameter it mirrors (Adam's moments: same path suffix, same shape), the rest (step
+    counts) replicated."""
+    shardings = param_shardings(params, mesh)
+    by_path = {
+        path_string(path): (x.shape, sharding)
+        for (path, x), sharding in zip(
+            jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(shardings)
+        )
+    }
+    replicated = NamedSharding(mesh, P())
+
+    def like_its_parameter(path, x):
+        path = path_string(path)
+        for param_path, (shape, sharding) in by_path.items():
+            if path.endswith(param_path) and x.shape == shape:
+                return sharding
+        return replicated
+
+    abstract = jax.eval_shape(lambda p: optimizer.build().init(p), params)
+    opt_shardings = jax.tree_util.tree_map_with_path(like_its_parameter, abstract)
+    layout = TrainState(params=shardings, opt_state=opt_shardings, step=replicated)
+    leaves, treedef = jax.tree.flatten(layout)
+    return treedef, tuple(leaves)
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelStep:
     """The train step bound to one loss, optimiser and parallelism, with its layout conversions.
@@ -193,6 +241,7 @@ class ParallelStep:
     parallelism: str = "single"
     num_devices: int = 1
     mesh: Mesh | None = None
+    layout: tuple | None = None  # "mesh": (treedef, shardings) of the TrainState (mesh_layout)
 
     @property
     def in_jit(self) -> bool:
@@ -204,6 +253,8 @@ class ParallelStep:
         if self.parallelism == "pmap":
             state, metrics = _pmap_step(state, batch, self.loss, self.optimizer, AXIS)
             return state, unreplicate(metrics)
+        if self.parallelism == "mesh":
+            return _mesh_step(state, batch, self.loss, self.optimizer, self.layout)
         return _shard_map_step(state, batch, self.loss, self.optimizer, self.mesh)
 
     def put_state(self, state: TrainState):
@@ -211,6 +262,8 @@ class ParallelStep:
             return replicate(state, self.num_devices)
         if self.parallelism == "shard_map":
             return jax.device_put(state, NamedSharding(self.mesh, P()))
+        if self.parallelism == "mesh":
+            return jax.device_put(state, jax.tree.unflatten(*self.layout))
         return state
 
     def get_state(self, state) -> TrainState:
@@ -222,6 +275,8 @@ class ParallelStep:
         if self.parallelism == "shard_map":
             check_divisible(batch, self.num_devices)
             return jax.device_put(batch, NamedSharding(self.mesh, P(AXIS)))
+        if self.parallelism == "mesh":
+            return put_batch(batch, self.mesh)
         return batch
 
 
@@ -231,22 +286,56 @@ def make_train_step(
     *,
     parallelism: str = "single",
     num_devices: int | None = None,
+    mesh: Mesh | None = None,
+    params: Any = None,
 ) -> ParallelStep:
-    """:func:`train_step` for one device, ``jax.pmap`` or ``shard_map`` over a 1-D mesh.
+    """:func:`train_step` on one device, over a device ``mesh`` (with the ``params`` whose layout it
+    sets), under ``jax.pmap`` or under ``shard_map`` over a 1-D mesh of ``num_devices``.
 
-    All three compute the same update for the same global batch (up to float rounding).
+    All four compute the same update for the same global batch (up to float rounding).
     """
     if parallelism not in PARALLELISM:
         raise ValueError(f"parallelism={parallelism!r}: expected one of {PARALLELISM}")
     if parallelism == "single":
         return ParallelStep(loss, optimizer)
+    if parallelism == "mesh":
+        if mesh is None or params is None:
+            raise ValueError('parallelism="mesh" needs the mesh and the parameters')
+        divisor = batch_divisor(mesh)
+        return ParallelStep(
+            loss, optimizer, "mesh", divisor, mesh, mesh_layout(params, optimizer, mesh)
+        )
     if parallelism == "pmap":
         n = jax.local_device_count() if num_devices is None else num_devices
         if not 1 <= n <= jax.local_device_count():
             raise ValueError(f"num_devices={n}: this host has {jax.local_device_count()} devices")
         return ParallelStep(loss, optimizer, "pmap", n)
-    mesh = make_mesh(num_devices)
+    mesh = data_mesh(num_devices)
     return ParallelStep(loss, optimizer, "shard_map", mesh.devices.size, mesh)
+
+
+def put_batch(batch: Any, mesh: Mesh) -> Any:
+    """A global host batch (every process holds the same rows) as global arrays split over the
+    mesh's (data, fsdp) axes.
+
+    One process: ``device_put``. Several processes (``jax.distributed``): each keeps only its own
+    contiguous share of the rows (process p of P: rows [p·B/P, (p+1)·B/P), the rows its devices
+    hold) and ``jax.make_array_from_process_local_data`` assembles the global array, so no device
+    of another process receives rows through this one.
+    """
+    check_divisible(batch, batch_divisor(mesh))
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    p, n = jax.process_index(), jax.process_count()
+
+    def local(x):
+        rows = x.shape[0] // n
+        return jax.make_array_from_process_local_data(
+            sharding, np.asarray(x)[p * rows : (p + 1) * rows], x.shape
+        )
+
+    return jax.tree.map(local, batch)
 
 
 def run_steps(stepper: ParallelStep, state: TrainState, data: Any, indices) -> tuple[Any, dict]:
