@@ -18,7 +18,14 @@ import os
 import sys
 
 # Groups of flags: (config class, prefix).
-_PREFIXES = {"SFTConfig": "sft-", "RewardConfig": "rm-", "PPOConfig": "ppo-", "DataConfig": "data-"}
+_PREFIXES = {
+    "SFTConfig": "sft-",
+    "RewardConfig": "rm-",
+    "PPOConfig": "ppo-",
+    "DataConfig": "data-",
+    "GRPOConfig": "grpo-",
+    "DPOConfig": "dpo-",
+}
 
 
 def _add(parser, cls, defaults=None):
@@ -532,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(gen, SamplingConfig)
     _add(gen, DataConfig)
     gen.set_defaults(run=cmd_generate)
+
+    from jaxrlhf.cli_algorithms import add_commands
+
+    add_commands(sub, _add, _add_distributed, DATA_HELP, MODEL_HELP)
     return parser
 
 

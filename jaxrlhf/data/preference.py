@@ -311,6 +311,7 @@ class PairBatch(NamedTuple):
     rejected_ids: np.ndarray  # [N, P + R] int32
     rejected_mask: np.ndarray  # [N, P + R] int32
     num_truncated: int  # fields (prompts or responses) that were cut
+    prompt_length: int = 0  # P: columns before it hold the prompt, from it on the response
 
 
 # What each limit is called on the command line (the data layer's errors name the fix).
@@ -462,7 +463,7 @@ def tokenize_pairs(data, tokenizer, config: DataConfig, *, source: str = "datase
         response_ids, response_mask = right_pad(responses, R, pad)  # [N, R]
         out.append(np.concatenate([prompt_ids, response_ids], axis=1))  # [N, P + R]
         out.append(np.concatenate([prompt_mask, response_mask], axis=1))  # [N, P + R]
-    return PairBatch(*out, cut)
+    return PairBatch(*out, cut, P)
 
 
 def iterate_batches(

@@ -5,7 +5,16 @@ Convention: the last axis is time ([T] for one sequence, [B, T] for a batch, any
 """
 
 from jaxrlhf.rl._checks import MAX_LOG_RATIO
-from jaxrlhf.rl.kl import AdaptiveKLState, adaptive_kl_update, kl_estimate, kl_penalized_rewards
+from jaxrlhf.rl.dpo import dpo_loss, dpo_terms
+from jaxrlhf.rl.group import grpo_advantages, reinforce_pp_advantages, rloo_advantages
+from jaxrlhf.rl.importance import logprob_mismatch, tis_weights
+from jaxrlhf.rl.kl import (
+    AdaptiveKLState,
+    adaptive_kl_update,
+    kl_estimate,
+    kl_loss,
+    kl_penalized_rewards,
+)
 from jaxrlhf.rl.logprobs import token_entropy, token_logprobs, trajectory_logprob
 from jaxrlhf.rl.losses import (
     aggregate,
@@ -39,18 +48,26 @@ __all__ = [
     "clip_fraction",
     "clipped_surrogate",
     "discounted_return",
+    "dpo_loss",
+    "dpo_terms",
     "explained_variance",
     "gae",
+    "grpo_advantages",
     "kl_estimate",
+    "kl_loss",
     "kl_penalized_rewards",
+    "logprob_mismatch",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "ppo_loss",
     "ppo_policy_loss",
+    "reinforce_pp_advantages",
     "reward_to_go",
+    "rloo_advantages",
     "td_error",
+    "tis_weights",
     "token_entropy",
     "token_logprobs",
     "trajectory_logprob",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from jaxrlhf.rl._checks import (
@@ -80,6 +81,30 @@ def kl_penalized_rewards(
     at_last = jnp.arange(mask.shape[-1]) == last[..., None]  # [..., T]
     rewards = -kl_coef * kl + jnp.where(at_last, scores[..., None].astype(jnp.float32), 0.0)
     return zero_masked(rewards, mask)
+
+
+def kl_loss(
+    logprobs: jnp.ndarray, ref_logprobs: jnp.ndarray, mask: jnp.ndarray, *, kind: str = "k3"
+) -> jnp.ndarray:
+    """KL to the reference as a per-token loss term, GRPO style (Shao et al. 2024, arXiv:2402.03300).
+
+    KLₜ = e^{−ℓₜ} − 1 + ℓₜ,   ℓₜ = log π_θ(yₜ) − log π_ref(yₜ)      (k3; see ``kl_estimate``)
+    L = L_policy + β · aggregate(KLₜ)
+
+    Instead of shaping the rewards (``kl_penalized_rewards``), GRPO adds the estimator to the loss
+    and differentiates it: ∂k3/∂log π_θ = 1 − e^{−ℓ} (π_ref is a constant). The sampled tokens come
+    from π_old, not π_θ, so this is the k3 estimate at the rollout policy's samples, as in GRPO.
+
+    Args:
+      logprobs: [..., T] log π_θ (differentiated).  ref_logprobs: [..., T] log π_ref (constants).
+      mask: [..., T].  kind: "k1" | "k2" | "k3".
+    Returns:
+      [..., T] per-token KL, 0 at masked positions; reduce it with ``aggregate``.
+    """
+    check_same_shape(logprobs, ref_logprobs, mask)
+    ref_logprobs = jax.lax.stop_gradient(zero_masked(ref_logprobs, mask))
+    kl = kl_estimate(zero_masked(logprobs, mask), ref_logprobs, kind=kind)  # [..., T]
+    return zero_masked(kl, mask)
 
 
 class AdaptiveKLState(NamedTuple):

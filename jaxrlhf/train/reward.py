@@ -237,7 +237,7 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, 
 
 def take_pairs(pairs: PairBatch, index: np.ndarray) -> PairBatch:
     """The pairs at ``index``."""
-    return PairBatch(*(a[index] for a in pairs[:4]), pairs.num_truncated)
+    return PairBatch(*(a[index] for a in pairs[:4]), pairs.num_truncated, pairs.prompt_length)
 
 
 def _split_pairs(pairs, margins, config: RewardConfig, eval_pairs):

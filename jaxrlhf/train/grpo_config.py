@@ -1,0 +1,116 @@
+"""GRPOConfig: every setting of a critic-free run (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++),
+validated at construction (errors name the field); the CLI's ``--grpo-*`` flags."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxrlhf.config import option, require
+from jaxrlhf.rl.losses import AGGREGATIONS
+from jaxrlhf.rollout import SamplingConfig
+from jaxrlhf.train.loop import LoopConfig
+from jaxrlhf.train.optim import SCHEDULES, OptimizerConfig
+
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig(LoopConfig):
+    """Group-relative policy optimisation and its relatives (no critic)."""
+
+    num_iterations: int = option(100, "Iterations (one group rollout batch + its update each).")
+    batch_size: int = option(16, "Prompts per iteration (each sampled group_size times).")
+    group_size: int = option(8, "Samples G per prompt: the group whose rewards are the baseline.")
+    num_minibatches: int = option(1, "Minibatches per epoch (must divide batch_size·group_size).")
+    epochs: int = option(1, "Passes over each rollout batch (μ); 1 keeps the update on-policy.")
+    max_new_tokens: int = option(32, "Response length N.")
+    temperature: float = option(1.0, "Sampling temperature τ, also applied to every log-prob.")
+    advantage: str = option(
+        "grpo",
+        "grpo: (r − mean_g)/std_g | dr_grpo: r − mean_g | rloo: r − mean of the others | "
+        "reinforce_pp: per-token rewards with the KL, reward-to-go, whitened over the batch.",
+    )
+    loss_aggregation: str = option(
+        "token_mean",
+        "token_mean | seq_mean_token_mean (GRPO's paper) | seq_mean_token_sum | "
+        "seq_mean_token_sum_norm (Dr. GRPO: Σ/(B·T), no length bias).",
+    )
+    clip_eps: float = option(0.2, "Ratio clip ε (lower side, and upper unless clip_eps_high).")
+    clip_eps_high: float | None = option(None, "DAPO's clip-higher: upper clip 1 + ε_high.")
+    importance_level: str = option(
+        "token", "token (PPO/GRPO) | sequence (GSPO: one length-normalised ratio per response)."
+    )
+    kl_coef: float = option(0.0, "β of the KL to the reference (0: no reference pass at all).")
+    kl_in: str = option("loss", "Where the KL goes: loss (GRPO's k3 term) | reward (per token).")
+    tis_cap: float | None = option(
+        None, "Truncated importance sampling: weight min(π_train/π_rollout, C) (None: off)."
+    )
+    dynamic_sampling: bool = option(
+        False, "Drop groups whose rewards are all equal and resample (DAPO); up to 4 tries."
+    )
+    learning_rate: float = option(1e-5, "Peak AdamW learning rate.")
+    lr_schedule: str = option("constant", "constant | linear | cosine.")
+    warmup_steps: int = option(0, "Linear warm-up optimiser steps.")
+    max_grad_norm: float | None = option(1.0, "Global-norm gradient clipping (None: off).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    adam_eps: float = option(1e-8, "Adam ε.")
+    seed: int = option(0, "Seed of rollouts, prompt order and minibatch shuffles.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("num_iterations", "batch_size", "num_minibatches", "epochs", "max_new_tokens"):
+            require(getattr(self, name) >= 1, self, name, "must be ≥ 1")
+        require(self.group_size >= 2, self, "group_size", "must be ≥ 2 (the group is the baseline)")
+        require(
+            self.rollouts % self.num_minibatches == 0,
+            self,
+            "num_minibatches",
+            f"must divide batch_size·group_size = {self.rollouts}",
+        )
+        require(self.temperature > 0, self, "temperature", "must be > 0")
+        require(self.advantage in ADVANTAGES, self, "advantage", f"must be one of {ADVANTAGES}")
+        require(
+            self.loss_aggregation in AGGREGATIONS,
+            self,
+            "loss_aggregation",
+            f"must be one of {AGGREGATIONS}",
+        )
+        require(0 < self.clip_eps < 1, self, "clip_eps", "must be in (0, 1)")
+        require(
+            self.clip_eps_high is None or self.clip_eps_high > 0,
+            self,
+            "clip_eps_high",
+            "must be > 0 or None",
+        )
+        require(
+            self.importance_level in ("token", "sequence"),
+            self,
+            "importance_level",
+            "must be token or sequence",
+        )
+        require(self.kl_coef >= 0, self, "kl_coef", "must be ≥ 0")
+        require(self.kl_in in ("loss", "reward"), self, "kl_in", "must be loss or reward")
+        require(self.tis_cap is None or self.tis_cap > 0, self, "tis_cap", "must be > 0 or None")
+        require(self.learning_rate > 0, self, "learning_rate", "must be > 0")
+        require(self.lr_schedule in SCHEDULES, self, "lr_schedule", f"must be one of {SCHEDULES}")
+
+    @property
+    def rollouts(self) -> int:
+        """Responses per iteration: batch_size · group_size."""
+        return self.batch_size * self.group_size
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
+
+    @property
+    def optimizer(self) -> OptimizerConfig:
+        return OptimizerConfig(
+            learning_rate=self.learning_rate,
+            total_steps=self.num_iterations * self.epochs * self.num_minibatches,
+            schedule=self.lr_schedule,
+            warmup_steps=self.warmup_steps,
+            max_grad_norm=self.max_grad_norm,
+            weight_decay=self.weight_decay,
+            eps=self.adam_eps,
+        )
