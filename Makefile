@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/bench_rollout.py
 	$(PY) benchmarks/bench_ppo.py
+	$(PY) benchmarks/bench_grpo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxrlhf tests benchmarks

@@ -88,6 +88,8 @@ def _longest(mask) -> int:
 
 def cmd_demo(args) -> int:
     from jaxrlhf.demo import DemoConfig, run_demo
+    from jaxrlhf.train.dpo import DPOConfig
+    from jaxrlhf.train.grpo_config import GRPOConfig
     from jaxrlhf.train.ppo import PPOConfig
     from jaxrlhf.train.reward import RewardConfig
     from jaxrlhf.train.sft import SFTConfig
@@ -97,6 +99,8 @@ def cmd_demo(args) -> int:
         _get(args, SFTConfig),
         _get(args, RewardConfig),
         _get(args, PPOConfig),
+        grpo=_get(args, GRPOConfig),
+        dpo=_get(args, DPOConfig),
         progress=not args.quiet,
     )
     print(json.dumps(summary, indent=2))
@@ -469,6 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(demo, SFTConfig, DEMO_SFT)
     _add(demo, RewardConfig, DEMO_REWARD)
     _add(demo, PPOConfig, DEMO_PPO)
+    from jaxrlhf.demo_algorithms import DEMO_DPO, DEMO_GRPO
+    from jaxrlhf.train.dpo import DPOConfig
+    from jaxrlhf.train.grpo_config import GRPOConfig
+
+    _add(demo, GRPOConfig, DEMO_GRPO)
+    _add(demo, DPOConfig, DEMO_DPO)
     _add_distributed(demo)
     demo.set_defaults(run=cmd_demo)
 

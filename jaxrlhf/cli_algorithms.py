@@ -49,11 +49,11 @@ def cmd_grpo(args) -> int:
     checkpoints = config.checkpoint_dir or os.path.join(args.out, "checkpoints")
     config = dataclasses.replace(config, checkpoint_dir=checkpoints)
     _check_fresh_run(args.resume, checkpoints, flag="--grpo-checkpoint-dir")
+    functions, weights = load_reward_functions(args.reward_fn)  # flag errors before any loading
     policy, tokenizer, prompts = _prompts_and_policy(args, config, data_config)
     if args.reward_model:
         reward_fn = reward_model_fn(from_pretrained(args.reward_model, head="reward"))
     else:
-        functions, weights = load_reward_functions(args.reward_fn)
         reward_fn = text_reward_fn(functions, tokenizer, weights=weights)
     trainer = GRPOTrainer.from_sft(
         config, from_pretrained(policy), prompts.input_ids, prompts.attention_mask,

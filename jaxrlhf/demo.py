@@ -42,6 +42,8 @@ from jaxrlhf.train.reward import (
 )
 from jaxrlhf.train.sft import SFTConfig, tiny_model_config, train_sft
 
+TASKS = {"reviews": ("ppo", "dpo"), "arithmetic": ("grpo", "dr_grpo", "rloo")}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DemoConfig:
@@ -61,12 +63,24 @@ class DemoConfig:
     run_without_kl: bool = option(True, "Also run PPO with kl_coef = 0 to show reward hacking.")
     num_samples_shown: int = option(6, "Completions shown in the report before and after PPO.")
     save_models: bool = option(True, "Export the policy and reward model (Hugging Face format).")
+    task: str = option("reviews", "reviews (a learned reward; the default) | arithmetic (exact).")
+    algo: str = option(
+        "ppo",
+        "ppo (with and without KL) | dpo (vs PPO, reviews) | grpo | dr_grpo | rloo (arithmetic).",
+    )
 
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "num_sentences", "num_prompts", "num_pairs"):
             require(getattr(self, name) >= 1, self, name, "must be ≥ 1")
         require(self.num_eval_prompts >= 2, self, "num_eval_prompts", "must be ≥ 2")
         require(self.eval_every >= 1, self, "eval_every", "must be ≥ 1")
+        require(self.task in TASKS, self, "task", f"must be one of {tuple(TASKS)}")
+        require(
+            self.algo in TASKS[self.task],
+            self,
+            "algo",
+            f"must be one of {TASKS[self.task]} for task {self.task!r}",
+        )
 
 
 # The presets the demo runs with (each flag of `jaxrlhf demo` overrides one field).
@@ -173,18 +187,25 @@ def build_task(demo: DemoConfig, ppo: PPOConfig) -> tuple[DemoTask, object]:
     return task, model_config
 
 
-def train_demo_reward_model(task, base, demo, reward: RewardConfig, ppo: PPOConfig, *, progress):
-    """Annotated pairs of base-policy samples → Bradley-Terry reward model → normalised on the base
-    policy's samples. Returns (reward model, summary of the reward model)."""
+def demo_pairs(task, base, demo, *, with_info: bool = False):
+    """The annotated pairs of base-policy samples (tokenised), as the reward model and DPO see them;
+    also written as the demo's data files (runs/demo/data/*.jsonl, the README's examples)."""
     key = jax.random.PRNGKey(demo.seed)
     dataset, pair_info = collect_preferences(
         task, base, jax.random.split(key)[0], num_pairs=demo.num_pairs, seed=demo.seed
     )
-    # The task's data as user files (runs/demo/data/*.jsonl: the README's `jaxrlhf sft/train-rm/ppo`).
     task.write_data_files(os.path.join(demo.out_dir, "data"), dataset)
     # Re-tokenising decoded text can add a token or two; cut those (the data code counts them).
     pair_config = dataclasses.replace(task.data_config, truncate=True)
     pairs = tokenize_pairs(dataset, task.tokenizer, pair_config)
+    return (pairs, pair_info) if with_info else pairs
+
+
+def train_demo_reward_model(task, base, demo, reward: RewardConfig, ppo: PPOConfig, *, progress):
+    """Annotated pairs of base-policy samples → Bradley-Terry reward model → normalised on the base
+    policy's samples. Returns (reward model, summary of the reward model)."""
+    key = jax.random.PRNGKey(demo.seed)
+    pairs, pair_info = demo_pairs(task, base, demo, with_info=True)
     gold_c, gold_r = pair_info["gold_chosen"], pair_info["gold_rejected"]
     untied = gold_c != gold_r  # pairs where the gold reward has a preference at all
     reward_model = reward_model_from_policy(base, seed=demo.seed)
@@ -222,13 +243,23 @@ def run_demo(
     reward: RewardConfig = DEMO_REWARD,
     ppo: PPOConfig = DEMO_PPO,
     *,
+    grpo=None,
+    dpo=None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Run the whole demo; writes ``report.md``, plots, metrics and models under ``demo.out_dir``.
 
-    Returns the summary (also written as ``summary.json``).
+    Returns the summary (also written as ``summary.json``). ``demo.algo`` other than "ppo" runs
+    :mod:`jaxrlhf.demo_algorithms` (with ``grpo`` / ``dpo`` settings, their presets by default).
     """
+    if demo.algo != "ppo":
+        from jaxrlhf import demo_algorithms as other
+
+        if demo.algo == "dpo":
+            return other.run_dpo(demo, sft, reward, ppo, dpo or other.DEMO_DPO,
+                                 progress=progress, echo=echo)  # fmt: skip
+        return other.run_arithmetic(demo, grpo or other.DEMO_GRPO, progress=progress, echo=echo)
     start = time.perf_counter()
     os.makedirs(demo.out_dir, exist_ok=True)
 

@@ -141,3 +141,14 @@ def conditional_mean(weights, x, keys, n_keys: int):
     num = jax.ops.segment_sum((w * x).ravel(), keys.ravel(), n_keys)  # [K]
     den = jax.ops.segment_sum(w.ravel(), keys.ravel(), n_keys)  # [K]
     return (num / jnp.maximum(den, 1e-30))[keys]
+
+
+def all_groups(n_responses: int, group_size: int):
+    """Every ordered group of ``group_size`` i.i.d. draws from ``n_responses``: [n^G, G] int32.
+
+    Row m lists the responses y₁ … y_G of one possible group, so an expectation over groups of a
+    group estimator (GRPO, RLOO) is an exact weighted sum over the rows, the weight of a row being
+    Πᵢ π(yᵢ|x). (27 responses per prompt: 27⁴ = 531441 groups of four.)
+    """
+    grid = np.indices((n_responses,) * group_size)  # [G, n, …, n]
+    return jnp.asarray(grid.reshape(group_size, -1).T.astype(np.int32))  # [n^G, G]

@@ -390,3 +390,44 @@ def test_demo_smoke_then_the_readme_examples_as_written(tmp_path, monkeypatch, c
     assert json.loads(out.strip().splitlines()[-1])["prompt"] == "the food was"
     with pytest.raises(SystemExit):  # `jaxrlhf <command> --help`: help for each command
         main(["sft", "--help"])
+
+
+def test_grpo_with_python_rewards_and_dpo_on_preference_pairs(workspace, capsys):
+    out = workspace / "grpo"
+    argv = [
+        "grpo",
+        "--prompts",
+        str(workspace / "prompts.jsonl"),
+        "--policy",
+        str(workspace / "base"),
+    ]
+    argv += ["--reward-fn", "test_cli:length_reward:0.5", "--reward-fn", "test_cli:has_great"]
+    argv += ["--out", str(out), "--quiet", "--grpo-num-iterations", "2", "--grpo-batch-size", "2"]
+    argv += ["--grpo-group-size", "4", "--grpo-max-new-tokens", "4", "--grpo-advantage", "rloo"]
+    assert main(argv + DATA_FLAGS) == 0
+    last = json.loads(capsys.readouterr().out)
+    assert set(last) >= {"reward", "frac_reward_zero_std"} and np.isfinite(last["reward"])
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert os.path.exists(out / "policy" / "model.safetensors")
+    with pytest.raises(SystemExit, match="module:function"):
+        main(["grpo", *argv[1:5], "--reward-fn", "nocolon", "--out", str(out / "x")])
+
+    dpo = ["dpo", "--data", str(workspace / "prefs.jsonl"), "--model", str(workspace / "base")]
+    dpo += ["--out", str(workspace / "dpo"), "--quiet", "--dpo-batch-size", "4"]
+    dpo += ["--dpo-eval-fraction", "0.25"]
+    assert main(dpo + DATA_FLAGS) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_train_pairs"] == 12 and summary["num_eval_pairs"] == 4
+    assert 0.0 <= summary["eval_implicit_reward_accuracy"] <= 1.0
+    np.testing.assert_allclose(
+        read_metrics(workspace / "dpo/metrics.jsonl")[0]["loss"], np.log(2.0), rtol=1e-5
+    )  # fmt: skip  (policy = reference at first)
+
+
+def length_reward(prompts, completions):
+    """A --reward-fn for the test above: the number of characters of each completion."""
+    return [float(len(c)) for c in completions]
+
+
+def has_great(prompts, completions):
+    return [1.0 if "great" in c else 0.0 for c in completions]

@@ -34,7 +34,15 @@ EOS; :meth:`ArithmeticTask.finished`), an unfinished completion scores 0 on both
 **Warm-up.** :func:`sft_policy` fine-tunes the tiny GPT-2 (:func:`jaxrlhf.train.sft.tiny_model_config`)
 on ``prompt answer EOS`` examples of the training prompts, the loss on the answer and EOS only. Its
 defaults stop early on purpose, with the held-out greedy accuracy well below 100%, so that RL on the
-exact reward has room to improve it. Measured once (seed 0, one CPU core): see :func:`sft_policy`.
+exact reward has room to improve it.
+
+Measured (default task: ``+``/``−`` on 0 … 99, 4000 training and 500 held-out prompts; tiny GPT-2,
+batch 64, lr 3e-3): the held-out greedy accuracy jumps late (a plateau near a loss of 1 nat while
+the carries are not yet learnt): ≈ 5% after 300 steps, 13% after 1000, 20–50% after 1600 (the
+default; seeds 0, 1, 2 → 0.51, 0.49, 0.23 on one core, 0.20, 0.37, 0.21 on two threads: the
+jump's timing is sensitive to float rounding), 64–72% after 2000–3000. The 1600 steps take 26–30 s
+of CPU time on one core, compilation included; evaluating 500 prompts ≈ 1.5 s. Operands 0 … 19 learn
+in a tenth of the steps (300 steps: 0 → 60% held-out).
 """
 
 from __future__ import annotations
@@ -415,7 +423,7 @@ def build_arithmetic_task(
         raise ValueError(f"max_operand = {max_operand}, max_factor = {max_factor}: must be ≥ 1")
     if num_train < 1 or num_eval < 1:
         raise ValueError(f"num_train = {num_train}, num_eval = {num_eval}: must be ≥ 1")
-    space = dict(operations=operations, max_operand=max_operand, max_factor=max_factor)
+    space = {"operations": operations, "max_operand": max_operand, "max_factor": max_factor}
     total = problem_space_size(**space)
     if num_train + num_eval > total:
         raise ValueError(
@@ -456,7 +464,7 @@ def build_arithmetic_task(
 def sft_policy(
     task: ArithmeticTask,
     *,
-    steps: int = 300,
+    steps: int = 1600,
     seed: int = 0,
     batch_size: int = 64,
     learning_rate: float = 3e-3,
@@ -467,8 +475,9 @@ def sft_policy(
     ``steps`` steps on ``prompt answer EOS`` examples (loss on the answer and EOS only), the start
     of an RL run.
 
-    The defaults stop well before the model has learnt the task, so that the held-out greedy
-    accuracy (:meth:`ArithmeticTask.evaluate`) leaves room for RL; more steps raise it.
+    The defaults stop before the model has learnt the task, so that the held-out greedy accuracy
+    (:meth:`ArithmeticTask.evaluate`) leaves room for RL: 20–50% on the default task, in about 30 s
+    on one CPU core (measurements in the module docstring); more steps raise it.
 
     Args:
       task: the task (its training prompts are the examples).

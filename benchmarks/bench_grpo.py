@@ -1,0 +1,145 @@
+"""Seconds per GRPO update: jaxrlhf vs trl's GRPOTrainer (no vLLM), on the same GPT-2 shapes.
+
+One update = one full GRPO iteration: 8 prompts × 16 tokens, each sampled G = 4 times → 16 new
+tokens (32 completions), scored by a reward model (a GPT-2 with a scalar head), group-relative
+advantages, then one optimiser step on the 32 completions (1 epoch, 1 minibatch, β = 0: no
+reference pass, trl's default). float32, dropout off, temperature 1, same shapes on both sides.
+
+    .venv/bin/python benchmarks/bench_grpo.py                  # 174k, 3.5M, 26M
+    .venv/bin/python benchmarks/bench_grpo.py --sizes 174k --skip-trl
+
+As in bench_ppo.py, trl runs in a fresh subprocess (torch is slower in a process where JAX ran), and
+the first update of each side (compilation / warm-up) is reported separately from the mean of the
+next ``--updates``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ppo import EOS, PAD, POSITIONS, SIZES, VOCAB, offline_tokenizer, trl_clock
+
+PROMPTS, GROUP, PROMPT_LEN, RESPONSE_LEN = 8, 4, 16, 16
+
+
+def prompt_token_ids(updates: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.integers(2, VOCAB, size=(PROMPTS * (updates + 1), PROMPT_LEN)).astype(np.int32)
+
+
+def bench_jaxrlhf(name: str, updates: int) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxrlhf.models import CausalLM, ModelConfig, RewardModel, num_params
+    from jaxrlhf.train.experience import reward_model_fn
+    from jaxrlhf.train.grpo import GRPOTrainer
+    from jaxrlhf.train.grpo_config import GRPOConfig
+
+    hidden, layers, heads = SIZES[name]
+    config = ModelConfig(family="gpt2", vocab_size=VOCAB, hidden_size=hidden, num_layers=layers,
+                         num_heads=heads, max_position_embeddings=POSITIONS)  # fmt: skip
+    sft = CausalLM(config, rngs=nnx.Rngs(0))
+    reward_fn = reward_model_fn(RewardModel(config, rngs=nnx.Rngs(2)))
+    grpo = GRPOConfig(num_iterations=updates + 1, batch_size=PROMPTS, group_size=GROUP,
+                      max_new_tokens=RESPONSE_LEN, learning_rate=1e-6, kl_coef=0.0)  # fmt: skip
+    prompts = prompt_token_ids(updates)
+    trainer = GRPOTrainer.from_sft(grpo, sft, prompts, np.ones_like(prompts), reward_fn=reward_fn,
+                                   eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
+    times = []
+    for _ in range(updates + 1):
+        start = time.perf_counter()
+        trainer.step()
+        jax.block_until_ready(trainer.state)
+        times.append(time.perf_counter() - start)
+    return {"params": num_params(sft), "first_s": times[0], "update_s": float(np.mean(times[1:]))}
+
+
+def bench_trl(name: str, updates: int) -> dict:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    hidden, layers, heads = SIZES[name]
+    hf = GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=hidden, n_layer=layers,
+                    n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                    pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS, num_labels=1)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = offline_tokenizer(tmp)
+        prompts = [" ".join(f"t{t}" for t in row) for row in prompt_token_ids(updates).tolist()]
+        clock = trl_clock()
+        args = GRPOConfig(
+            output_dir=tmp, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
+            max_completion_length=RESPONSE_LEN, temperature=1.0, beta=0.0, num_iterations=1,
+            learning_rate=1e-6, max_steps=updates + 1, use_cpu=True, bf16=False, fp16=False,
+            report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        trainer = GRPOTrainer(
+            model=GPT2LMHeadModel(hf), reward_funcs=GPT2ForSequenceClassification(hf), args=args,
+            train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
+            reward_processing_classes=tokenizer, callbacks=[clock],
+        )  # fmt: skip
+        trainer.train()
+    times = np.diff(clock.marks)
+    return {"first_s": float(times[0]), "update_s": float(np.mean(times[1:]))}
+
+
+def run_trl_subprocess(name: str, updates: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "trl.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--trl-only", name]
+        subprocess.run([*cmd, "--updates", str(updates), "--json", out], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        with open(out) as f:
+            return json.load(f)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: 174k,3.5M,26M")
+    parser.add_argument("--updates", type=int, default=5, help="timed updates after the first")
+    parser.add_argument("--skip-trl", action="store_true", help="time jaxrlhf only")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--trl-only", default=None, help=argparse.SUPPRESS)  # the subprocess
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.trl_only:
+        with open(args.json, "w") as f:
+            json.dump(bench_trl(args.trl_only, args.updates), f)
+        return 0
+    rows = {}
+    print(
+        "| model (params) | jaxrlhf s/update | trl s/update | trl / jaxrlhf | first update: ours / trl |"
+    )
+    print("|---|---:|---:|---:|---|")
+    for name in args.sizes.split(","):
+        ours = bench_jaxrlhf(name, args.updates)
+        theirs = None if args.skip_trl else run_trl_subprocess(name, args.updates)
+        rows[name] = {"jaxrlhf": ours, "trl": theirs}
+        ratio = f"{theirs['update_s'] / ours['update_s']:.1f}×" if theirs else "–"
+        trl_s = f"{theirs['update_s']:.3f}" if theirs else "–"
+        first = f"{ours['first_s']:.1f} s / " + (f"{theirs['first_s']:.1f} s" if theirs else "–")
+        print(f"| {name} ({ours['params'] / 1e6:.2f}M) | {ours['update_s']:.3f} | {trl_s} | "
+              f"{ratio} | {first} |", flush=True)  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
