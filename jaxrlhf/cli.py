@@ -1,4 +1,4 @@
-"""The ``jaxrlhf`` command: ``demo``, ``sft``, ``train-rm``, ``ppo`` and ``generate``.
+"""The ``jaxrlhf`` command: ``demo``, ``sft``, ``train-rm``, ``ppo``, ``grpo``, ``dpo`` and ``generate``.
 
 Every hyperparameter flag comes from a config dataclass (``--rm-*``: RewardConfig, ``--ppo-*``:
 PPOConfig, ``--sft-*``: SFTConfig, ``--data-*``: DataConfig, the demo's own: DemoConfig), so its help
@@ -110,94 +110,6 @@ def cmd_demo(args) -> int:
 # --------------------------------------------------------------------------------------- sft
 
 
-def cmd_sft(args) -> int:
-    from jaxrlhf.data.preference import DataConfig
-    from jaxrlhf.data.sft import load_sft_dataset, tokenize_sft
-    from jaxrlhf.logging import MetricsLogger, read_metrics
-    from jaxrlhf.models.hf import from_pretrained, save_pretrained
-    from jaxrlhf.report import plot_curves, write_report
-    from jaxrlhf.train.checkpoint import latest_step
-    from jaxrlhf.train.sft import SFTConfig, train_sft
-
-    config, data_config = _get(args, SFTConfig), _get(args, DataConfig)
-    checkpoints = config.checkpoint_dir or os.path.join(args.out, "checkpoints")
-    config = dataclasses.replace(config, checkpoint_dir=checkpoints)
-    _check_fresh_run(args.resume, checkpoints, flag="--sft-checkpoint-dir")
-    model_dir = _model_dir(args.model)
-    tokenizer = _load_tokenizer(model_dir)
-    data = load_sft_dataset(args.data, data_config, report=_note)
-
-    def tokenize(rows, source):
-        return tokenize_sft(
-            rows,
-            tokenizer,
-            data_config,
-            completion_only_loss=config.completion_only_loss,
-            source=source,
-        )
-
-    train = tokenize(data.train, args.data)
-    held_out = None if data.eval is None else tokenize(data.eval, f"{args.data} [eval]")
-    for batch in filter(None, (train, held_out)):
-        _check_positions(
-            model_dir,
-            batch.input_ids.shape[1],
-            what=f"SFT sequences padded to {batch.input_ids.shape[1]} tokens (the longest has "
-            f"{_longest(batch.attention_mask)})",
-            fixes="lower --data-max-prompt-length + --data-max-response-length (a sequence's cap) "
-            "and pass --data-truncate, or use a model with more positions",
-        )
-    os.makedirs(args.out, exist_ok=True)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    done = latest_step(checkpoints)
-    if done is not None:
-        _note(f"resuming from {checkpoints} at step {done}")
-    _trim_metrics(metrics_path, done)
-
-    def record(step: int, metrics: dict) -> dict:
-        keys = {"loss": "train/loss", "grad_norm": "train/grad_norm", "eval/loss": "eval/loss"}
-        return {name: metrics[k] for k, name in keys.items() if k in metrics}
-
-    with MetricsLogger(metrics_path, tensorboard_dir=os.path.join(args.out, "tb")) as log:
-        model, sft_metrics = train_sft(
-            from_pretrained(model_dir),
-            train.input_ids,
-            train.attention_mask,
-            config,
-            loss_mask=train.loss_mask,
-            eval_data=None if held_out is None else tuple(held_out[:3]),
-            progress=not args.quiet,
-            callback=lambda step, metrics: log.log(step, record(step, metrics)),
-        )
-    save_pretrained(model, os.path.join(args.out, "policy"), tokenizer=tokenizer)
-    records = read_metrics(metrics_path)
-    evals = [r["eval/loss"] for r in records if "eval/loss" in r]
-    summary = {
-        "format": data.format,
-        "steps": records[-1]["step"] if records else 0,
-        "final_loss": records[-1]["train/loss"] if records else None,
-        "eval_loss": evals[-1] if evals else None,
-        "num_train": sft_metrics["num_train"],
-        "num_eval": sft_metrics.get("num_eval", 0),
-        "num_truncated": train.num_truncated,
-    }
-    write_report(
-        os.path.join(args.out, "report.md"),
-        title="jaxrlhf sft",
-        sections=[
-            ("Data", data.description),
-            ("Result", "```json\n" + json.dumps(summary, indent=2) + "\n```"),
-        ],
-        plots=plot_curves(
-            {"sft": records},
-            os.path.join(args.out, "plots"),
-            curves={"loss": ("train/loss", "eval/loss")},
-        ),
-    )
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
 def _trim_metrics(metrics_path: str, done: int | None) -> None:
     """Keep the metric records of the steps a checkpoint holds (``done``; None: none)."""
     from jaxrlhf.logging import read_metrics
@@ -214,97 +126,6 @@ def _trim_metrics(metrics_path: str, done: int | None) -> None:
 
 
 # ---------------------------------------------------------------------------------- train-rm
-
-
-def cmd_train_rm(args) -> int:
-    import jax
-    import numpy as np
-
-    from jaxrlhf.data.formats import load_preference_dataset
-    from jaxrlhf.data.preference import DataConfig, tokenize_pairs, tokenize_prompts
-    from jaxrlhf.logging import MetricsLogger
-    from jaxrlhf.models.hf import from_pretrained, save_pretrained
-    from jaxrlhf.report import write_report
-    from jaxrlhf.rollout import SamplingConfig, sample, sequences
-    from jaxrlhf.train.reward import (
-        RewardConfig,
-        normalize_reward_model,
-        reward_model_from_policy,
-        train_reward_model,
-    )
-
-    config, data_config = _get(args, RewardConfig), _get(args, DataConfig)
-    model_dir = _model_dir(args.model)
-    tokenizer = _load_tokenizer(model_dir)
-    data = load_preference_dataset(args.data, data_config, report=_note)
-    margins = None
-    if config.margin_from_scores:
-        if not data.format.scored:
-            raise SystemExit(
-                "error: --rm-margin-from-scores needs scored data (score_chosen and score_rejected "
-                f"columns); {args.data} has none"
-            )
-        margins = np.array([r["score_chosen"] - r["score_rejected"] for r in data.train])
-    pairs = tokenize_pairs(data.train, tokenizer, data_config, source=args.data)
-    eval_pairs = None
-    if data.eval is not None:
-        eval_source = f"{args.data} [{data_config.eval_split}]"
-        eval_pairs = tokenize_pairs(data.eval, tokenizer, data_config, source=eval_source)
-    for batch in filter(None, (pairs, eval_pairs)):
-        _check_positions(
-            model_dir,
-            batch.chosen_ids.shape[1],
-            what=f"prompt + response padded to {batch.chosen_ids.shape[1]} tokens (the longest "
-            f"pair has {max(_longest(batch.chosen_mask), _longest(batch.rejected_mask))})",
-            fixes="lower --data-max-prompt-length / --data-max-response-length and pass "
-            "--data-truncate, or use a model with more positions",
-        )
-    policy = from_pretrained(model_dir)
-    reward_model = reward_model_from_policy(policy, seed=config.seed)
-    reward_model, metrics = train_reward_model(
-        reward_model,
-        pairs,
-        config,
-        margins=margins,
-        eval_pairs=eval_pairs,
-        progress=not args.quiet,
-    )
-    os.makedirs(args.out, exist_ok=True)
-    with MetricsLogger(os.path.join(args.out, "metrics.jsonl")) as log:
-        for step, (loss, acc) in enumerate(zip(metrics["loss"], metrics["accuracy"])):
-            log.log(step, {"train/loss": loss, "train/accuracy": acc})
-    summary = {
-        "eval_accuracy": metrics["eval_accuracy"][-1] if metrics["eval_accuracy"] else None,
-        "num_train_pairs": metrics["num_train_pairs"],
-        "num_eval_pairs": metrics["num_eval_pairs"],
-    }
-    if args.normalize:
-        # Mean 0, std 1 over the policy's own samples on the dataset's prompts, as long as the
-        # longest responses of the data (so they fit where the pairs fit).
-        prompts = tokenize_prompts(data.train, tokenizer, data_config, source=args.data)
-        rollout = sample(
-            policy,
-            prompts.input_ids,
-            prompts.attention_mask,
-            SamplingConfig(max_new_tokens=pairs.chosen_ids.shape[1] - prompts.input_ids.shape[1]),
-            jax.random.PRNGKey(config.seed),
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        seq_ids, seq_mask = sequences(prompts.input_ids, prompts.attention_mask, rollout)
-        reward_model, stats = normalize_reward_model(reward_model, seq_ids, seq_mask)
-        summary.update(stats)
-    save_pretrained(reward_model, os.path.join(args.out, "reward_model"), tokenizer=tokenizer)
-    write_report(
-        os.path.join(args.out, "report.md"),
-        title="jaxrlhf train-rm",
-        sections=[
-            ("Data", data.description),
-            ("Result", "```json\n" + json.dumps(summary, indent=2) + "\n```"),
-        ],
-    )
-    print(json.dumps(summary, indent=2))
-    return 0
 
 
 # --------------------------------------------------------------------------------------- ppo
@@ -457,30 +278,54 @@ MODEL_HELP = "a Hugging Face checkpoint directory or a Hub model id"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxrlhf.data.preference import DataConfig
-    from jaxrlhf.demo import DEMO_PPO, DEMO_REWARD, DEMO_SFT, DemoConfig
-    from jaxrlhf.rollout import SamplingConfig
-    from jaxrlhf.train.ppo import PPOConfig
-    from jaxrlhf.train.reward import RewardConfig
-    from jaxrlhf.train.sft import SFT_DEFAULTS, SFTConfig
+    """The ``jaxrlhf`` parser: one subcommand per job, each with the flags of its configs."""
+    from jaxrlhf.cli_algorithms import add_commands
 
     parser = argparse.ArgumentParser(prog="jaxrlhf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _demo_parser(sub)
+    _training_parsers(sub)
+    _generate_parser(sub)
+    add_commands(sub, _add, _add_distributed, DATA_HELP, MODEL_HELP)
+    return parser
 
-    demo = sub.add_parser("demo", help="the offline demo: SFT → reward model → PPO, with a report")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add(demo, DemoConfig)
-    _add(demo, SFTConfig, DEMO_SFT)
-    _add(demo, RewardConfig, DEMO_REWARD)
-    _add(demo, PPOConfig, DEMO_PPO)
+
+def _common(parser, *, resume: bool = False) -> None:
+    if resume:
+        parser.add_argument(
+            "--resume",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="continue from the latest checkpoint in OUT/checkpoints (--no-resume refuses to "
+            "start over an earlier run's checkpoints)",
+        )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _demo_parser(sub) -> None:
+    from jaxrlhf.demo import DEMO_PPO, DEMO_REWARD, DEMO_SFT, DemoConfig
     from jaxrlhf.demo_algorithms import DEMO_DPO, DEMO_GRPO
     from jaxrlhf.train.dpo import DPOConfig
     from jaxrlhf.train.grpo_config import GRPOConfig
+    from jaxrlhf.train.ppo import PPOConfig
+    from jaxrlhf.train.reward import RewardConfig
+    from jaxrlhf.train.sft import SFTConfig
 
-    _add(demo, GRPOConfig, DEMO_GRPO)
-    _add(demo, DPOConfig, DEMO_DPO)
+    demo = sub.add_parser("demo", help="the offline demo: SFT → reward model → PPO, with a report")
+    _common(demo)
+    for cls, preset in ((DemoConfig, None), (SFTConfig, DEMO_SFT), (RewardConfig, DEMO_REWARD),
+                        (PPOConfig, DEMO_PPO), (GRPOConfig, DEMO_GRPO), (DPOConfig, DEMO_DPO)):  # fmt: skip
+        _add(demo, cls, preset)
     _add_distributed(demo)
     demo.set_defaults(run=cmd_demo)
+
+
+def _training_parsers(sub) -> None:
+    from jaxrlhf.cli_train import cmd_sft, cmd_train_rm
+    from jaxrlhf.data.preference import DataConfig
+    from jaxrlhf.train.ppo import PPOConfig
+    from jaxrlhf.train.reward import RewardConfig
+    from jaxrlhf.train.sft import SFT_DEFAULTS, SFTConfig
 
     sft = sub.add_parser("sft", help="supervised fine-tuning on text, prompt/completion or chats")
     sft.add_argument(
@@ -488,58 +333,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sft.add_argument("--model", required=True, help=MODEL_HELP + " of the base LM")
     sft.add_argument("--out", required=True, help="output directory (metrics, checkpoints, policy)")
-    sft.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="continue from the latest checkpoint in OUT/checkpoints (--no-resume refuses to "
-        "start over an earlier run's checkpoints)",
-    )
-    sft.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(sft, resume=True)
     _add(sft, SFTConfig, SFT_DEFAULTS)
-    _add(sft, DataConfig)
-    _add_distributed(sft)
-    sft.set_defaults(run=cmd_sft)
 
     rm = sub.add_parser("train-rm", help="train a reward model on preference pairs")
     rm.add_argument("--data", required=True, help=DATA_HELP + " (preference pairs)")
     rm.add_argument("--model", required=True, help=MODEL_HELP + " of the base LM")
     rm.add_argument("--out", required=True, help="output directory")
-    rm.add_argument(
-        "--normalize",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="normalise scores to mean 0, std 1 over the base LM's samples",
-    )
-    rm.add_argument("--quiet", action="store_true", help="no progress bars")
+    rm.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                    help="normalise scores to mean 0, std 1 over the base LM's samples")  # fmt: skip
+    _common(rm)
     _add(rm, RewardConfig)
-    _add(rm, DataConfig)
-    _add_distributed(rm)
-    rm.set_defaults(run=cmd_train_rm)
 
     ppo = sub.add_parser("ppo", help="PPO of a policy against a reward model")
-    ppo.add_argument(
-        "--prompts",
-        required=True,
-        help=DATA_HELP + " (a prompt column, or preference pairs with implicit prompts)",
-    )
+    ppo.add_argument("--prompts", required=True,
+                     help=DATA_HELP + " (a prompt column, or preference pairs with implicit prompts)")  # fmt: skip
     ppo.add_argument("--policy", required=True, help=MODEL_HELP + " of the SFT policy")
     ppo.add_argument(
         "--reward-model", required=True, help="directory written by train-rm (or a Hub model id)"
     )
     ppo.add_argument("--out", required=True, help="output directory (metrics, checkpoints, policy)")
-    ppo.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="continue from the latest checkpoint in OUT/checkpoints (--no-resume refuses to "
-        "start over an earlier run's checkpoints)",
-    )
-    ppo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(ppo, resume=True)
     _add(ppo, PPOConfig)
-    _add(ppo, DataConfig)
-    _add_distributed(ppo)
-    ppo.set_defaults(run=cmd_ppo)
+    for parser, run in ((sft, cmd_sft), (rm, cmd_train_rm), (ppo, cmd_ppo)):
+        _add(parser, DataConfig)
+        _add_distributed(parser)
+        parser.set_defaults(run=run)
+
+
+def _generate_parser(sub) -> None:
+    from jaxrlhf.data.preference import DataConfig
+    from jaxrlhf.rollout import SamplingConfig
 
     gen = sub.add_parser("generate", help="sample completions from a model")
     gen.add_argument("--model", required=True, help=MODEL_HELP)
@@ -549,11 +373,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add(gen, SamplingConfig)
     _add(gen, DataConfig)
     gen.set_defaults(run=cmd_generate)
-
-    from jaxrlhf.cli_algorithms import add_commands
-
-    add_commands(sub, _add, _add_distributed, DATA_HELP, MODEL_HELP)
-    return parser
 
 
 def _add_distributed(parser) -> None:
