@@ -187,7 +187,7 @@ def build_task(demo: DemoConfig, ppo: PPOConfig) -> tuple[DemoTask, object]:
     return task, model_config
 
 
-def demo_pairs(task, base, demo, *, with_info: bool = False):
+def demo_pairs(task, base, demo):
     """The annotated pairs of base-policy samples (tokenised), as the reward model and DPO see them;
     also written as the demo's data files (runs/demo/data/*.jsonl, the README's examples)."""
     key = jax.random.PRNGKey(demo.seed)
@@ -198,14 +198,17 @@ def demo_pairs(task, base, demo, *, with_info: bool = False):
     # Re-tokenising decoded text can add a token or two; cut those (the data code counts them).
     pair_config = dataclasses.replace(task.data_config, truncate=True)
     pairs = tokenize_pairs(dataset, task.tokenizer, pair_config)
-    return (pairs, pair_info) if with_info else pairs
+    return pairs, pair_info
 
 
-def train_demo_reward_model(task, base, demo, reward: RewardConfig, ppo: PPOConfig, *, progress):
-    """Annotated pairs of base-policy samples → Bradley-Terry reward model → normalised on the base
-    policy's samples. Returns (reward model, summary of the reward model)."""
+def train_demo_reward_model(
+    task, base, demo, reward: RewardConfig, ppo: PPOConfig, *, progress, pairs=None
+):
+    """Annotated pairs of base-policy samples (``pairs``: those of :func:`demo_pairs`, collected
+    here when None) → Bradley-Terry reward model → normalised on the base policy's samples.
+    Returns (reward model, summary of the reward model)."""
     key = jax.random.PRNGKey(demo.seed)
-    pairs, pair_info = demo_pairs(task, base, demo, with_info=True)
+    pairs, pair_info = pairs or demo_pairs(task, base, demo)
     gold_c, gold_r = pair_info["gold_chosen"], pair_info["gold_rejected"]
     untied = gold_c != gold_r  # pairs where the gold reward has a preference at all
     reward_model = reward_model_from_policy(base, seed=demo.seed)

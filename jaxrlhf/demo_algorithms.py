@@ -93,8 +93,11 @@ def run_dpo(demo, sft, reward, ppo, dpo: DPOConfig, *, progress: bool, echo) -> 
     echo("[demo] SFT, annotated pairs, reward model …")
     base = CausalLM(model_config, rngs=nnx.Rngs(demo.seed))
     base, _ = train_sft(base, *task.corpus_batch(), sft, progress=progress)
-    reward_model, _ = train_demo_reward_model(task, base, demo, reward, ppo, progress=progress)
-    pairs = demo_pairs(task, base, demo)
+    collected = demo_pairs(task, base, demo)  # once: the reward model and DPO share the pairs
+    reward_model, _ = train_demo_reward_model(
+        task, base, demo, reward, ppo, progress=progress, pairs=collected
+    )
+    pairs = collected[0]
     eval_key = jax.random.split(jax.random.PRNGKey(demo.seed))[1]
     reward_fn = reward_model_fn(reward_model)
     results = {"base policy (SFT)": evaluate(task, base, reward_fn, eval_key, ppo)}

@@ -25,7 +25,7 @@ from jaxrlhf import rl
 from jaxrlhf.config import option, require
 from jaxrlhf.data.preference import PairBatch
 from jaxrlhf.train.loop import LoopConfig, fit
-from jaxrlhf.train.optim import OptimizerConfig
+from jaxrlhf.train.optim import OptimizerConfig, cosine_adamw
 from jaxrlhf.train.state import Means, init_train_state
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -58,14 +58,7 @@ class DPOConfig(LoopConfig):
         require(0 <= self.eval_fraction < 1, self, "eval_fraction", "must be in [0, 1)")
 
     def optimizer(self, total_steps: int) -> OptimizerConfig:
-        return OptimizerConfig(
-            learning_rate=self.learning_rate,
-            total_steps=total_steps,
-            schedule="cosine",
-            warmup_steps=min(self.warmup_steps, total_steps - 1),
-            max_grad_norm=self.max_grad_norm if self.max_grad_norm > 0 else None,
-            weight_decay=self.weight_decay,
-        )
+        return cosine_adamw(self, total_steps)
 
 
 def sequence_logprobs(model, ids, mask, prompt_length: int):

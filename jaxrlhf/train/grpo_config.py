@@ -9,7 +9,7 @@ from jaxrlhf.config import option, require
 from jaxrlhf.rl.losses import AGGREGATIONS
 from jaxrlhf.rollout import SamplingConfig
 from jaxrlhf.train.loop import LoopConfig
-from jaxrlhf.train.optim import SCHEDULES, OptimizerConfig
+from jaxrlhf.train.optim import SCHEDULES, OptimizerConfig, scheduled_adamw
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
@@ -105,12 +105,4 @@ class GRPOConfig(LoopConfig):
 
     @property
     def optimizer(self) -> OptimizerConfig:
-        return OptimizerConfig(
-            learning_rate=self.learning_rate,
-            total_steps=self.num_iterations * self.epochs * self.num_minibatches,
-            schedule=self.lr_schedule,
-            warmup_steps=self.warmup_steps,
-            max_grad_norm=self.max_grad_norm,
-            weight_decay=self.weight_decay,
-            eps=self.adam_eps,
-        )
+        return scheduled_adamw(self, self.num_iterations * self.epochs * self.num_minibatches)

@@ -83,3 +83,32 @@ class OptimizerConfig:
             schedule=self.schedule,
             warmup_steps=self.warmup_steps,
         )
+
+
+def scheduled_adamw(config, total_steps: int) -> OptimizerConfig:
+    """The optimiser of an RL trainer config (PPOConfig, GRPOConfig): its ``learning_rate``,
+    ``lr_schedule``, ``warmup_steps``, ``max_grad_norm`` (None: off), ``weight_decay`` and
+    ``adam_eps``, over ``total_steps`` optimiser steps."""
+    return OptimizerConfig(
+        learning_rate=config.learning_rate,
+        total_steps=total_steps,
+        schedule=config.lr_schedule,
+        warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm,
+        weight_decay=config.weight_decay,
+        eps=config.adam_eps,
+    )
+
+
+def cosine_adamw(config, total_steps: int) -> OptimizerConfig:
+    """The optimiser of a supervised trainer config (SFT, reward model, DPO): AdamW with cosine
+    decay over ``total_steps``, its ``learning_rate``, ``warmup_steps`` (cut to the run),
+    ``weight_decay`` and ``max_grad_norm`` (0: no clipping)."""
+    return OptimizerConfig(
+        learning_rate=config.learning_rate,
+        total_steps=total_steps,
+        schedule="cosine",
+        warmup_steps=min(config.warmup_steps, total_steps - 1),
+        max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else None,
+        weight_decay=config.weight_decay,
+    )

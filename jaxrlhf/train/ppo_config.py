@@ -11,7 +11,7 @@ from jaxrlhf.config import option, require
 from jaxrlhf.rl.losses import AGGREGATIONS
 from jaxrlhf.rollout import SamplingConfig
 from jaxrlhf.train.loop import LoopConfig
-from jaxrlhf.train.optim import SCHEDULES, OptimizerConfig
+from jaxrlhf.train.optim import SCHEDULES, OptimizerConfig, scheduled_adamw
 
 KL_ESTIMATORS = ("k1", "k3")
 CRITIC_INITS = ("sft", "reward_model")
@@ -193,15 +193,7 @@ class PPOConfig(LoopConfig):
     @property
     def optimizer(self) -> OptimizerConfig:
         """AdamW with clipping and the learning-rate schedule over the whole run."""
-        return OptimizerConfig(
-            learning_rate=self.learning_rate,
-            total_steps=self.num_iterations * self.ppo_epochs * self.num_minibatches,
-            schedule=self.lr_schedule,
-            warmup_steps=self.warmup_steps,
-            max_grad_norm=self.max_grad_norm,
-            weight_decay=self.weight_decay,
-            eps=self.adam_eps,
-        )
+        return scheduled_adamw(self, self.num_iterations * self.ppo_epochs * self.num_minibatches)
 
 
 def resume_may_change(config: PPOConfig) -> tuple[str, ...]:

@@ -36,7 +36,7 @@ from jaxrlhf.config import option, require
 from jaxrlhf.data.preference import PairBatch
 from jaxrlhf.rl import bradley_terry_loss
 from jaxrlhf.train.loop import LoopConfig, fit
-from jaxrlhf.train.optim import OptimizerConfig
+from jaxrlhf.train.optim import OptimizerConfig, cosine_adamw
 from jaxrlhf.train.state import Means, init_train_state
 
 
@@ -80,14 +80,7 @@ class RewardConfig(LoopConfig):
 
     def optimizer(self, total_steps: int) -> OptimizerConfig:
         """AdamW with cosine decay over ``total_steps`` (epochs × steps per epoch)."""
-        return OptimizerConfig(
-            learning_rate=self.learning_rate,
-            total_steps=total_steps,
-            schedule="cosine",
-            warmup_steps=min(self.warmup_steps, total_steps - 1),
-            max_grad_norm=self.max_grad_norm if self.max_grad_norm > 0 else None,
-            weight_decay=self.weight_decay,
-        )
+        return cosine_adamw(self, total_steps)
 
 
 # ----------------------------------------------------------------------------------------------

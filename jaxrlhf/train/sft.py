@@ -31,7 +31,7 @@ from flax import nnx
 from jaxrlhf.config import option, require
 from jaxrlhf.rl import masked_sum, token_logprobs
 from jaxrlhf.train.loop import LoopConfig, fit
-from jaxrlhf.train.optim import OptimizerConfig
+from jaxrlhf.train.optim import OptimizerConfig, cosine_adamw
 from jaxrlhf.train.state import Means, init_train_state
 
 
@@ -71,14 +71,7 @@ class SFTConfig(LoopConfig):
 
     @property
     def optimizer(self) -> OptimizerConfig:
-        return OptimizerConfig(
-            learning_rate=self.learning_rate,
-            total_steps=self.steps,
-            schedule="cosine",
-            warmup_steps=self.warmup_steps,
-            max_grad_norm=self.max_grad_norm if self.max_grad_norm > 0 else None,
-            weight_decay=self.weight_decay,
-        )
+        return cosine_adamw(self, self.steps)  # (warmup_steps < steps is validated above)
 
 
 # The `jaxrlhf sft` command's defaults: a held-out fraction when the data has no test split.
