@@ -2,10 +2,14 @@
 
 For each GPT-2 size (~174k, ~3.5M, ~26M parameters) a random transformers model is saved to a
 temporary directory and loaded into jaxrlhf with from_pretrained. Both then sample (temperature 1,
-no top-k/top-p, no EOS: exactly N tokens per prompt) for 16 prompts × 16 prompt tokens, N = 16 and 128.
+no top-k/top-p, no EOS: exactly N tokens per prompt) for 16 prompts × 16 prompt tokens, N = 64 and
+128 by default.
 
 Reported: tokens/s for each and the ratio; our compile time (first call, excluded from our timing);
-our decode time per token, (t_N − t_1)/(N − 1) with t_1 the prefill-only time, which should be flat in N.
+our decode time per step, (t_N − t_1)/(N − 1) with t_1 the prefill-only time, which should be flat in
+N; and that step time against the roofline of its own matmuls: the same weights, in the same order,
+multiplied by a [16, ·] activation N − 1 times in one jitted loop and nothing else (no attention,
+norms, sampling), timed in the same run. "% of roofline" = roofline time / decode step time.
 
     python benchmarks/bench_rollout.py [--repeats 3] [--sizes tiny small medium]
 """
@@ -13,6 +17,7 @@ our decode time per token, (t_N − t_1)/(N − 1) with t_1 the prefill-only tim
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -28,6 +33,7 @@ import torch
 import transformers
 
 from jaxrlhf.models.hf import from_pretrained, num_params
+from jaxrlhf.models.layers import compute_dtype
 from jaxrlhf.rollout import generate
 
 SIZES = {  # name: (vocab, n_embd, n_layer, n_head, n_positions)
@@ -72,6 +78,52 @@ def time_ours(model, ids, mask, n: int, repeats: int):
     return statistics.median(times), compile_s
 
 
+def step_matmuls(model) -> list[tuple[jax.Array, bool]]:
+    """The weights one decode step multiplies its [B, ·] activations by, in order: per block q/k/v,
+    the attention output, the MLP in and out projections; then the tied LM head (wte, transposed)."""
+    dtype = compute_dtype(model.config)
+    kernels = []
+    for block in model.model.h:
+        for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            kernels.append((layer.kernel[...].astype(dtype), False))  # [in, out]
+    kernels.append((model.model.wte.embedding[...].astype(dtype), True))  # [V, D], used as [D, V]
+    return kernels
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "transposed"))
+def _matmul_loop(weights, x, *, steps: int, transposed: tuple):
+    """steps × (every matmul of one decode step, chained so that each waits for the previous one)."""
+
+    def step(_, x):  # [B, D]
+        h = x  # the previous product, the next one's input
+        for w, t in zip(weights, transposed):
+            d_in = w.shape[1] if t else w.shape[0]
+            h = h[:, :d_in] if h.shape[1] >= d_in else x[:, :d_in]  # [B, d_in]
+            h = jnp.einsum("bd,vd->bv" if t else "bd,dv->bv", h, w)  # [B, d_out]
+        return x + 1e-6 * h[:, : x.shape[1]]  # [B, D] (the LM head's width is ≥ D)
+
+    return jax.lax.fori_loop(0, steps, step, x)
+
+
+def time_roofline(model, steps: int, repeats: int) -> float:
+    """Seconds per decode step of the step's matmuls alone (``step_matmuls``), median of repeats."""
+    kernels = step_matmuls(model)
+    weights = [w for w, _ in kernels]
+    transposed = tuple(t for _, t in kernels)
+    x = jnp.ones((BATCH, model.config.hidden_size), weights[0].dtype)  # [B, D]
+
+    def run():
+        return jax.block_until_ready(_matmul_loop(weights, x, steps=steps, transposed=transposed))
+
+    run()  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / steps
+
+
 def time_hf(model, ids, mask, n: int, repeats: int):
     ids_t = torch.tensor(np.asarray(ids), dtype=torch.long)
     mask_t = torch.tensor(np.asarray(mask), dtype=torch.long)
@@ -112,7 +164,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--new-tokens", nargs="+", type=int, default=[16, 128])
+    parser.add_argument("--new-tokens", nargs="+", type=int, default=[64, 128])
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     rng = np.random.default_rng(0)
@@ -128,6 +180,7 @@ def main():
             prefill_s, _ = time_ours(ours, ids, mask, 1, args.repeats)
             for n in args.new_tokens:
                 ours_s, compile_s = time_ours(ours, ids, mask, n, args.repeats)
+                roofline_s = time_roofline(ours, n - 1, args.repeats)
                 hf_s, threads = time_hf(hf, ids, mask, n, args.repeats)
                 tokens = BATCH * n
                 rows.append(
@@ -140,12 +193,14 @@ def main():
                         "compile": compile_s,
                         "threads": threads,
                         "per_token_ms": 1000 * (ours_s - prefill_s) / (n - 1),
+                        "roofline_ms": 1000 * roofline_s,
                     }
                 )
                 r = rows[-1]
                 print(
                     f"{size}: {r['params']:,} params, N={n}: ours {r['ours']:.0f} tok/s, "
-                    f"transformers {r['hf']:.0f} tok/s, ×{r['ours'] / r['hf']:.1f}",
+                    f"transformers {r['hf']:.0f} tok/s, ×{r['ours'] / r['hf']:.1f}, decode step "
+                    f"{r['per_token_ms']:.2f} ms, its matmuls alone {r['roofline_ms']:.2f} ms",
                     flush=True,
                 )
     print()
@@ -158,14 +213,15 @@ def main():
     print()
     print(
         "| model | params | new tokens | jaxrlhf tok/s | transformers tok/s (torch threads) | ratio "
-        "| jaxrlhf compile s | jaxrlhf decode ms/token |"
+        "| jaxrlhf compile s | decode ms/step | its matmuls alone ms | % of roofline |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| gpt2-{r['size']} | {r['params'] / 1e6:.3g}M | {r['n']} | {r['ours']:,.0f} "
             f"| {r['hf']:,.0f} ({r['threads']}) | {r['ours'] / r['hf']:.1f}× | {r['compile']:.1f} "
-            f"| {r['per_token_ms']:.2f} |"
+            f"| {r['per_token_ms']:.2f} | {r['roofline_ms']:.2f} "
+            f"| {100 * r['roofline_ms'] / r['per_token_ms']:.0f}% |"
         )
 
 

@@ -1,4 +1,5 @@
-"""The ``jaxrlhf`` command: ``demo``, ``sft``, ``train-rm``, ``ppo``, ``grpo``, ``dpo`` and ``generate``.
+"""The ``jaxrlhf`` command: ``demo``, ``sft``, ``train-rm``, ``ppo``, ``grpo``, ``dpo``, ``generate``
+and ``collect`` (label preference pairs: a local web page, or ``--labeler``).
 
 Every hyperparameter flag comes from a config dataclass (``--rm-*``: RewardConfig, ``--ppo-*``:
 PPOConfig, ``--sft-*``: SFTConfig, ``--data-*``: DataConfig, the demo's own: DemoConfig), so its help
@@ -40,9 +41,19 @@ def _get(args, cls):
     return config_from_args(cls, args, prefix=_PREFIXES.get(cls.__name__, ""))
 
 
+# The files a tokenizer is read from (any one of them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    if not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from config.json alone
+        raise SystemExit(
+            f"error: no tokenizer in {path!r} (none of {', '.join(TOKENIZER_FILES)}): save one "
+            "with the model (tokenizer.save_pretrained)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -111,8 +122,12 @@ def cmd_demo(args) -> int:
 
 
 def _trim_metrics(metrics_path: str, done: int | None) -> None:
-    """Keep the metric records of the steps a checkpoint holds (``done``; None: none)."""
-    from jaxrlhf.logging import read_metrics
+    """Keep the metric records of the steps a checkpoint holds (``done``; None: none).
+
+    Safe after a ``kill -9``: a torn last line (the process died while appending it) is dropped,
+    and the kept records replace the file atomically (a temporary file, then ``os.replace``), so a
+    kill during the trim leaves either the old file or the new one.
+    """
     from jaxrlhf.train.distributed import is_main
 
     if not is_main() or not os.path.exists(metrics_path):
@@ -120,9 +135,24 @@ def _trim_metrics(metrics_path: str, done: int | None) -> None:
     if done is None:
         os.remove(metrics_path)  # records of a run that never checkpointed
         return
-    kept = [r for r in read_metrics(metrics_path) if r["step"] <= done]
-    with open(metrics_path, "w") as f:
+    with open(metrics_path, encoding="utf-8") as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the record being written when the run was killed
+            raise ValueError(f"{metrics_path}, line {number}: not a JSON record: {line[:80]!r}")
+        if record["step"] <= done:
+            kept.append(record)
+    tmp = f"{metrics_path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, metrics_path)
 
 
 # ---------------------------------------------------------------------------------- train-rm
@@ -144,12 +174,13 @@ def cmd_ppo(args) -> int:
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     _check_fresh_run(args.resume, checkpoints)
     policy, reward_model, tokenizer, prompts = _ppo_inputs(args, config, data_config)
+    reward_model = from_pretrained(reward_model, head="reward")  # refuses an LM without a head
     trainer = PPOTrainer.from_sft(
         config,
         from_pretrained(policy),
         prompts.input_ids,
         prompts.attention_mask,
-        reward_model=from_pretrained(reward_model, head="reward"),
+        reward_model=reward_model,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -242,8 +273,7 @@ def cmd_generate(args) -> int:
     tokenizer = _load_tokenizer(model_dir)
     prompts = list(args.prompt)
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        prompts += _read_prompts_file(args.prompts_file)
     if not prompts:
         raise SystemExit("error: give at least one --prompt or a --prompts-file")
     batch = tokenize_prompts({"prompt": prompts}, tokenizer, _get(args, DataConfig))
@@ -271,6 +301,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _read_prompts_file(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (errors name the file and the line)."""
+    from jaxrlhf.data.sources import check_utf8
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompts-file {path}: no such file")
+    check_utf8(path)
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def _check_out_path(args) -> None:
+    """An output directory that exists as a file is refused before anything is read or written."""
+    for dest in ("out", "out_dir"):
+        out = getattr(args, dest, None)
+        if out is not None and os.path.exists(out) and not os.path.isdir(out):
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} {out}: exists and is not a directory (give a directory)")
+
+
 # ---------------------------------------------------------------------------------- parser
 
 DATA_HELP = "a json/jsonl/parquet/csv file, a dataset directory or a Hub dataset name"
@@ -280,6 +330,7 @@ MODEL_HELP = "a Hugging Face checkpoint directory or a Hub model id"
 def build_parser() -> argparse.ArgumentParser:
     """The ``jaxrlhf`` parser: one subcommand per job, each with the flags of its configs."""
     from jaxrlhf.cli_algorithms import add_commands
+    from jaxrlhf.cli_collect import add_collect_parser
 
     parser = argparse.ArgumentParser(prog="jaxrlhf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -287,6 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     _training_parsers(sub)
     _generate_parser(sub)
     add_commands(sub, _add, _add_distributed, DATA_HELP, MODEL_HELP)
+    add_collect_parser(sub, _add, DATA_HELP, MODEL_HELP)
+    for command in sub.choices.values():  # every command, whichever module defined it
+        command.add_argument(
+            "--compile-cache",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="keep compiled XLA programs in $JAXRLHF_CACHE/xla (default ~/.cache/jaxrlhf/xla) "
+            "so that the next run compiles nothing (JAXRLHF_COMPILE_CACHE=0 also turns it off)",
+        )
     return parser
 
 
@@ -393,11 +453,16 @@ def _add_distributed(parser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.compile_cache:  # before the first jitted call
+        from jaxrlhf.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
     if getattr(args, "quiet", False):
         import datasets
 
         datasets.disable_progress_bars()
     try:
+        _check_out_path(args)
         if hasattr(args, "process_id"):  # before anything touches a device
             from jaxrlhf.train.distributed import initialize
 
@@ -405,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed
             )
         return args.run(args)
-    except ValueError as err:  # config validation and data errors name the field / row / file
+    # Config validation, data and checkpoint errors (ValueError: DataError, CheckpointError,
+    # HubError) name the field / row / file; a missing file is named by its FileNotFoundError.
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

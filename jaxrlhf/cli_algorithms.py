@@ -35,7 +35,7 @@ def load_reward_functions(specs: list[str]):
 
 
 def cmd_grpo(args) -> int:
-    from jaxrlhf.cli import _check_fresh_run, _get, _resume
+    from jaxrlhf.cli import _check_fresh_run, _get, _model_dir, _resume
     from jaxrlhf.data.preference import DataConfig
     from jaxrlhf.logging import MetricsLogger
     from jaxrlhf.models.hf import from_pretrained, save_pretrained
@@ -52,7 +52,8 @@ def cmd_grpo(args) -> int:
     functions, weights = load_reward_functions(args.reward_fn)  # flag errors before any loading
     policy, tokenizer, prompts = _prompts_and_policy(args, config, data_config)
     if args.reward_model:
-        reward_fn = reward_model_fn(from_pretrained(args.reward_model, head="reward"))
+        reward_model = from_pretrained(_model_dir(args.reward_model, "reward model"), head="reward")
+        reward_fn = reward_model_fn(reward_model)
     else:
         reward_fn = text_reward_fn(functions, tokenizer, weights=weights)
     trainer = GRPOTrainer.from_sft(
@@ -108,10 +109,11 @@ def cmd_dpo(args) -> int:
     eval_pairs = None
     if data.eval is not None:
         eval_pairs = tokenize_pairs(data.eval, tokenizer, data_config, source=f"{args.data} [eval]")
+    policy = from_pretrained(model_dir)  # every input is checked before the output is created
     os.makedirs(args.out, exist_ok=True)
     with MetricsLogger(os.path.join(args.out, "metrics.jsonl")) as log:
         model, metrics = train_dpo(
-            from_pretrained(model_dir), pairs, config, eval_pairs=eval_pairs,
+            policy, pairs, config, eval_pairs=eval_pairs,
             progress=not args.quiet, callback=log.log,
         )  # fmt: skip
     save_pretrained(model, os.path.join(args.out, "policy"), tokenizer=tokenizer)

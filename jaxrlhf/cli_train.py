@@ -34,6 +34,7 @@ def cmd_sft(args) -> int:
     tokenizer = _load_tokenizer(model_dir)
     data = load_sft_dataset(args.data, data_config, report=_note)
     train, held_out = _sft_batches(args, config, data_config, data, tokenizer, model_dir)
+    base = from_pretrained(model_dir)  # every input is checked before the output is created
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     done = latest_step(checkpoints)
@@ -42,12 +43,13 @@ def cmd_sft(args) -> int:
     _trim_metrics(metrics_path, done)
 
     def record(step: int, metrics: dict) -> dict:
-        keys = {"loss": "train/loss", "grad_norm": "train/grad_norm", "eval/loss": "eval/loss"}
+        keys = {"loss": "train/loss", "grad_norm": "train/grad_norm", "eval/loss": "eval/loss",
+                "nonfinite_skipped": "train/nonfinite_skipped"}  # fmt: skip
         return {name: metrics[k] for k, name in keys.items() if k in metrics}
 
     with MetricsLogger(metrics_path, tensorboard_dir=os.path.join(args.out, "tb")) as log:
         model, sft_metrics = train_sft(
-            from_pretrained(model_dir),
+            base,
             train.input_ids,
             train.attention_mask,
             config,
@@ -144,8 +146,13 @@ def cmd_train_rm(args) -> int:
     )
     os.makedirs(args.out, exist_ok=True)
     with MetricsLogger(os.path.join(args.out, "metrics.jsonl")) as log:
-        for step, (loss, acc) in enumerate(zip(metrics["loss"], metrics["accuracy"])):
-            log.log(step, {"train/loss": loss, "train/accuracy": acc})
+        for step, (loss, acc, skipped) in enumerate(
+            zip(metrics["loss"], metrics["accuracy"], metrics["nonfinite_skipped"])
+        ):
+            log.log(
+                step,
+                {"train/loss": loss, "train/accuracy": acc, "train/nonfinite_skipped": skipped},
+            )
     summary = {
         "eval_accuracy": metrics["eval_accuracy"][-1] if metrics["eval_accuracy"] else None,
         "num_train_pairs": metrics["num_train_pairs"],

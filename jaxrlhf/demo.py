@@ -74,6 +74,7 @@ class DemoConfig:
             require(getattr(self, name) >= 1, self, name, "must be ≥ 1")
         require(self.num_eval_prompts >= 2, self, "num_eval_prompts", "must be ≥ 2")
         require(self.eval_every >= 1, self, "eval_every", "must be ≥ 1")
+        require(self.num_samples_shown >= 0, self, "num_samples_shown", "must be ≥ 0")
         require(self.task in TASKS, self, "task", f"must be one of {tuple(TASKS)}")
         require(
             self.algo in TASKS[self.task],

@@ -23,35 +23,44 @@ from jaxrlhf.train.grpo_config import GRPOConfig
 GROUP_ALGOS = {"grpo": "grpo", "dr_grpo": "dr_grpo", "rloo": "rloo"}
 
 DEMO_GRPO = GRPOConfig(
-    num_iterations=30,
+    num_iterations=60,
     batch_size=16,
     group_size=8,
     num_minibatches=2,
     epochs=1,
-    learning_rate=2e-3,
+    learning_rate=1e-4,
     max_new_tokens=4,
     temperature=1.0,
 )
 DEMO_DPO = DPOConfig(epochs=2, batch_size=32, learning_rate=3e-4, beta=0.1, eval_fraction=0.15)
+ARITHMETIC = {"num_train": 600, "num_eval": 200, "max_operand": 19}
+"""The demo's arithmetic task: + and − on 0 … 19 (800 problems), 600 for training, 200 held out."""
+ARITHMETIC_SFT = {"steps": 1000, "plus_sign_rate": 0.8}
+"""Its warm-up: 1000 SFT steps on answers of a sloppy demonstrator who signs 80% of the non-negative
+ones ("+42", which the exact reward rejects; :func:`jaxrlhf.tasks.arithmetic.signed_answers`)."""
 
 
 def run_arithmetic(demo, grpo: GRPOConfig, *, progress: bool, echo) -> dict:
-    """SFT a tiny policy on a little arithmetic, then a critic-free algorithm with the exact reward
-    (correctness + 0.1 · format); held-out greedy accuracy before and after."""
+    """SFT a tiny policy on a little arithmetic (from a demonstrator with a habit), then a critic-free
+    algorithm with the exact reward (correctness + 0.1 · format); held-out greedy accuracy and the
+    fraction of well-formed answers before and after."""
     from jaxrlhf.tasks.arithmetic import build_arithmetic_task, sft_policy
 
     start = time.perf_counter()
     os.makedirs(demo.out_dir, exist_ok=True)
     echo("[demo] arithmetic task: SFT of the base policy …")
-    task = build_arithmetic_task(demo.seed)
-    base = sft_policy(task, seed=demo.seed, progress=progress)
-    before = task.evaluate(base)
+    task = build_arithmetic_task(demo.seed, **ARITHMETIC)
+    base = sft_policy(task, seed=demo.seed, progress=progress, **ARITHMETIC_SFT)
+    before = task.evaluate(base, with_format=True)
     config = dataclasses.replace(
         grpo, advantage=GROUP_ALGOS[demo.algo], max_new_tokens=task.max_new_tokens
     )
     if demo.algo == "dr_grpo":
         config = dataclasses.replace(config, loss_aggregation="seq_mean_token_sum_norm")
-    echo(f"[demo] {time.perf_counter() - start:5.0f} s  {demo.algo} from accuracy {before:.3f} …")
+    echo(
+        f"[demo] {time.perf_counter() - start:5.0f} s  {demo.algo} from accuracy "
+        f"{before['accuracy']:.3f} …"
+    )
     reward_fn = text_reward_fn(
         [task.correctness_reward, task.format_reward], task.tokenizer, weights=[1.0, 0.1]
     )
@@ -62,18 +71,22 @@ def run_arithmetic(demo, grpo: GRPOConfig, *, progress: bool, echo) -> dict:
     )  # fmt: skip
     with MetricsLogger(os.path.join(demo.out_dir, f"metrics_{demo.algo}.jsonl")) as log:
         history = trainer.train(callback=log.log, progress=progress)
-    after = task.evaluate(trainer.actor())
+    after = task.evaluate(trainer.actor(), with_format=True)
     summary = {
         "task": "arithmetic",
         "algo": demo.algo,
-        "held_out_accuracy": {"before": before, "after": after},
+        "held_out_accuracy": {"before": before["accuracy"], "after": after["accuracy"]},
+        "held_out_well_formed": {"before": before["format"], "after": after["format"]},
         "num_eval_prompts": len(task.eval_prompts),
         "final_reward": history[-1]["reward"],
         "seconds": time.perf_counter() - start,
     }
     records = [{"step": i + 1, **m} for i, m in enumerate(history)]
     _report(demo, summary, {demo.algo: records}, {"reward": ("reward",)})
-    echo(f"[demo] held-out accuracy {before:.3f} → {after:.3f} ({summary['seconds']:.0f} s)")
+    echo(
+        f"[demo] held-out accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f}, well-formed "
+        f"answers {before['format']:.3f} → {after['format']:.3f} ({summary['seconds']:.0f} s)"
+    )
     return summary
 
 

@@ -10,7 +10,16 @@ the demo, preference collection and the PPO trainer call it); ``generate`` is th
 settings as keyword arguments. Without top_k/top_p the recorded log-probs are those of the
 temperature-scaled policy, log softmax(zₜ/τ)[aₜ], the quantity PPO recomputes at training time.
 
-The cache is preallocated with P + N − 1 slots, so every decode step does the same work whatever t is.
+Where a decode step's time goes (CPU, batch 16): the weight matmuls, which stream every parameter
+once per step; attention over the cache; drawing the random numbers. So the loop is shaped to spend
+nothing else:
+  • the cache grows in buckets (``decode_chunks``): steps 1 … 32 attend over P + 32 slots, the next 32
+    over P + 64, then P + 128 …, so a step reads the slots filled so far (at most twice as many), not
+    all P + N − 1; each bucket is one ``while`` loop whose cache is updated in place;
+  • the Gumbel noise of sampling (``jax.random.categorical`` is argmax(z̃ + g)) is drawn for a block of
+    steps at once, bit for bit the noise the step's own key gives, instead of one small random-bits
+    loop per step;
+  • the prefill runs the LM head on the last prompt position only.
 The compiled function is cached by ``jax.jit`` per (graphdef, shapes, static arguments): calling
 ``sample`` again in a training loop with new parameters or a new temperature does not retrace.
 """
@@ -94,16 +103,29 @@ def filter_logits(logits, *, top_k: int | None = None, top_p=None):
     return logits
 
 
-def sample_token(logits, rng, *, temperature, top_k, top_p, greedy: bool):
+def gumbel_noise(rng, steps, shape):
+    """The Gumbel noise of ``jax.random.categorical(fold_in(rng, t), ·)`` for each t in ``steps``.
+
+    categorical(key, z) = argmax(z + g), g = jax.random.gumbel(key, z.shape): drawing g for a block
+    of steps in one vectorised call gives the same bits as one call per step, without a small
+    random-bits loop in every decode step. steps: [K] int → [K, *shape] float32.
+    """
+    return jax.vmap(lambda t: jax.random.gumbel(jax.random.fold_in(rng, t), shape))(steps)
+
+
+def sample_token(logits, rng, *, temperature, top_k, top_p, greedy: bool, noise=None):
     """One token per row and its log-probability under the distribution it was drawn from.
 
     sampled:  a ~ p̃ = softmax(z̃),  z̃ = filter(z / τ),   logprob = log p̃(a) = z̃[a] − log Σ_v exp z̃[v]
     greedy:   a = argmax z,                             logprob = log softmax(z / τ)[a]  (unfiltered)
 
+    The draw is Gumbel-max, a = argmax(z̃ + g) with g ~ Gumbel(0, 1) (``jax.random.categorical``).
     Args:
       logits: [B, V] raw logits z of the next token.
-      rng: a jax.random key (unused when greedy).
+      rng: a jax.random key (unused when greedy or when ``noise`` is given).
       temperature: τ > 0.  top_k, top_p: the filter (None: off).
+      noise: [B, V] Gumbel noise g drawn beforehand (``gumbel_noise``); the token is then the one
+        ``jax.random.categorical`` would draw with the key that noise came from.
     Returns:
       (tokens [B] int32, logprobs [B] float32).
     """
@@ -114,24 +136,49 @@ def sample_token(logits, rng, *, temperature, top_k, top_p, greedy: bool):
         sampled_from = scaled  # [B, V]
     else:
         sampled_from = filter_logits(scaled, top_k=top_k, top_p=top_p)  # [B, V]
-        token = jax.random.categorical(rng, sampled_from, axis=-1).astype(jnp.int32)  # [B]
+        if noise is None:
+            token = jax.random.categorical(rng, sampled_from, axis=-1)  # [B]
+        else:
+            token = jnp.argmax(sampled_from + noise, axis=-1)  # [B]
+        token = token.astype(jnp.int32)
     # τ is already applied: token_logprobs at temperature 1 is log softmax(z̃)[a].
     logprob = token_logprobs(sampled_from[:, None], token[:, None])[:, 0]  # [B]
     return token, logprob
 
 
-def _prefill(lm: CausalLM, input_ids, attention_mask, max_new_tokens: int):
-    """The whole prompt in one pass into a cache of P + N − 1 slots (slots P … P+N−2 will hold
-    generated tokens 0 … N−2) → (logits of response token 0 [B, V], cache, kv_mask [B, P + N − 1])."""
+FIRST_BUCKET = 32
+"""Response slots of the KV cache's first bucket; each further bucket doubles them (``decode_chunks``)."""
+
+NOISE_BLOCK_BYTES = 16 * 2**20
+"""At most this much Gumbel noise ([K, B, V] float32) is drawn ahead, for K decode steps at a time."""
+
+
+def decode_chunks(prompt_len: int, max_new_tokens: int, first: int = FIRST_BUCKET):
+    """How the decode steps t = 1 … N − 1 are split by cache size: ((t₀, t₁, slots), …).
+
+    Step t feeds response token t − 1 into slot P + t − 1, so steps t₀ ≤ t < t₁ need P + t₁ − 1
+    slots. Buckets hold first, 2·first, 4·first … response slots (capped at N − 1): a step attends
+    over fewer than twice the slots filled so far (P + t), and there are ⌈log₂((N − 1)/first)⌉ + 1
+    compiled loop bodies. Empty for N = 1.
+    """
+    chunks, t0, room = [], 1, first
+    while t0 < max_new_tokens:
+        t1 = min(max_new_tokens, room + 1)
+        chunks.append((t0, t1, prompt_len + t1 - 1))
+        t0, room = t1, 2 * room
+    return tuple(chunks)
+
+
+def _prefill(lm: CausalLM, input_ids, attention_mask):
+    """The whole prompt in one pass into a cache of P slots → (logits of response token 0 [B, V],
+    cache). Left padding: the last slot is the last prompt token, whose logits predict token 0."""
     B, P = input_ids.shape
-    kv_mask = jnp.concatenate(
-        [attention_mask.astype(jnp.int32), jnp.ones((B, max_new_tokens - 1), jnp.int32)], axis=1
-    )  # [B, P + N − 1]
-    cache = lm.init_cache(B, P + max_new_tokens - 1)
+    cache = lm.init_cache(B, P)
     positions = positions_from_mask(attention_mask)  # [B, P]
-    logits, cache = lm.forward_cached(input_ids, positions, kv_mask, cache, 0)  # [B, P, V]
-    # Left padding: the last slot is the last prompt token, whose logits predict token 0.
-    return logits[:, -1], cache, kv_mask
+    logits, cache = lm.forward_cached(
+        input_ids, positions, attention_mask, cache, 0, last_only=True
+    )  # [B, 1, V]
+    return logits[:, 0], cache
 
 
 @functools.partial(
@@ -159,6 +206,7 @@ def _generate(
     lm = nnx.merge(graphdef, state)
     B, P = input_ids.shape
     N = max_new_tokens
+    V = lm.config.vocab_size
     draw = functools.partial(
         sample_token,
         temperature=temperature,
@@ -167,7 +215,10 @@ def _generate(
         greedy=greedy,
     )
 
-    logits, cache, kv_mask = _prefill(lm, input_ids, attention_mask, N)  # [B, V], cache, [B, P+N−1]
+    logits, cache = _prefill(lm, input_ids, attention_mask)  # [B, V], cache of P slots
+    kv_mask = jnp.concatenate(
+        [attention_mask.astype(jnp.int32), jnp.ones((B, N - 1), jnp.int32)], axis=1
+    )  # [B, P + N − 1]
     first_position = attention_mask.astype(jnp.int32).sum(-1)  # [B] position of response token 0
     token, logprob = draw(logits, jax.random.fold_in(rng, 0))  # [B], [B]
     tokens = jnp.full((B, N), pad_token_id, jnp.int32).at[:, 0].set(token)  # [B, N]
@@ -175,27 +226,56 @@ def _generate(
     logprobs = jnp.zeros((B, N), jnp.float32).at[:, 0].set(logprob)  # [B, N]
     done = token == eos_token_id  # [B] (never true for eos_token_id = −1)
 
-    def cond(carry):
-        t, _, done, *_ = carry
-        return (t < N) & ~jnp.all(done)
-
-    def body(carry):
-        t, previous, done, cache, tokens, mask, logprobs = carry
-        # Feed token t−1 (slot P + t − 1), get the distribution of token t.
+    def step(t, previous, done, cache, kv_mask, noise):
+        """Feed token t−1 (slot P + t − 1), draw token t (noise [B, V], or None when greedy)."""
         positions = (first_position + t - 1)[:, None]  # [B, 1]
         logits, cache = lm.forward_cached(previous[:, None], positions, kv_mask, cache, P + t - 1)
-        token, logprob = draw(logits[:, 0], jax.random.fold_in(rng, t))  # [B], [B]
+        token, logprob = draw(logits[:, 0], None, noise=noise)  # [B], [B]
         alive = ~done  # [B]
         token = jnp.where(alive, token, pad_token_id)  # [B]
         logprob = jnp.where(alive, logprob, 0.0)  # [B]
-        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, t))
-        mask = jax.lax.dynamic_update_slice(mask, alive.astype(jnp.float32)[:, None], (0, t))
-        logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, t))
-        done = done | (token == eos_token_id)
-        return t + 1, token, done, cache, tokens, mask, logprobs
+        return token, logprob, alive, cache
+
+    def run_chunk(carry, t0, t1, slots):
+        """Steps t₀ ≤ t < t₁ over a cache of ``slots`` slots, drawing noise K steps at a time."""
+        chunk_mask = kv_mask[:, :slots]  # [B, slots]
+        K = max(1, min(t1 - t0, NOISE_BLOCK_BYTES // (4 * B * V)))
+
+        def running(t, done):
+            return (t < t1) & ~jnp.all(done)
+
+        def block(carry):
+            t_block = carry[0]
+            noise = None if greedy else gumbel_noise(rng, t_block + jnp.arange(K), (B, V))
+
+            def body(inner):
+                j, (t, previous, done, cache, tokens, mask, logprobs) = inner
+                token, logprob, alive, cache = step(
+                    t, previous, done, cache, chunk_mask, None if greedy else noise[j]
+                )
+                tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, t))
+                mask = jax.lax.dynamic_update_slice(
+                    mask, alive.astype(jnp.float32)[:, None], (0, t)
+                )
+                logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, t))
+                done = done | (token == eos_token_id)
+                return j + 1, (t + 1, token, done, cache, tokens, mask, logprobs)
+
+            def cond(inner):
+                j, (t, _, done, *_) = inner
+                return (j < K) & running(t, done)
+
+            return jax.lax.while_loop(cond, body, (jnp.int32(0), carry))[1]
+
+        return jax.lax.while_loop(lambda c: running(c[0], c[2]), block, carry)
 
     carry = (jnp.int32(1), token, done, cache, tokens, mask, logprobs)
-    _, _, _, _, tokens, mask, logprobs = jax.lax.while_loop(cond, body, carry)
+    for t0, t1, slots in decode_chunks(P, N):
+        t, token, done, cache, tokens, mask, logprobs = carry
+        carry = run_chunk(
+            (t, token, done, cache.grow(slots), tokens, mask, logprobs), t0, t1, slots
+        )
+    _, _, _, _, tokens, mask, logprobs = carry
     return Rollout(tokens=tokens, mask=mask, logprobs=logprobs)
 
 

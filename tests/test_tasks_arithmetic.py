@@ -19,7 +19,13 @@ from jaxrlhf.tasks import (
     reward,
     sft_policy,
 )
-from jaxrlhf.tasks.arithmetic import answer, parse_prompt, problem_space_size, problems
+from jaxrlhf.tasks.arithmetic import (
+    answer,
+    parse_prompt,
+    problem_space_size,
+    problems,
+    signed_answers,
+)
 from jaxrlhf.train.sft import tiny_model_config
 
 SMALL = {"num_train": 300, "num_eval": 100}
@@ -248,6 +254,20 @@ def test_write_data_files(task, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- warm-up
+
+
+def test_signed_answers_sign_only_non_negative_answers():
+    prompts = [f"{a}+{b}=" for a in range(10) for b in range(10)] + ["3-17=", "0-0="]
+    assert signed_answers(prompts, 0.0) == [answer(p) for p in prompts]
+    assert signed_answers(prompts, 1.0)[:3] == ["+0", "+1", "+2"]
+    assert signed_answers(prompts, 1.0)[-2:] == ["-14", "+0"]  # negatives keep their one sign
+    half = signed_answers(prompts, 0.5, seed=3)
+    signed = [a.startswith("+") for a in half]
+    assert 35 <= sum(signed) <= 65 and half == signed_answers(prompts, 0.5, seed=3)  # seeded
+    assert [a.lstrip("+") for a in half] == [answer(p) for p in prompts]  # same numbers
+    assert reward(["40+2="], ["+42"]) == [0.0]  # the habit earns nothing
+    with pytest.raises(ValueError, match="plus_sign_rate"):
+        signed_answers(prompts, 1.5)
 
 
 def test_short_sft_raises_held_out_accuracy(tmp_path):

@@ -61,6 +61,20 @@ def _looks_like_a_path(source: str) -> bool:
     return os.path.splitext(source)[1].lower() in FILE_FORMATS or source.count("/") > 1
 
 
+def check_utf8(path: str) -> None:
+    """Raise a DataError naming the line and byte where ``path`` stops being UTF-8 text (the
+    json and csv readers would otherwise fail later, far from the file, or not at all)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}: line {number}, byte {err.start + 1}: not UTF-8 text "
+                    f"({err.reason}, {line[err.start : err.start + 1]!r}); save the file as UTF-8"
+                ) from None
+
+
 def _read_file(path: str):
     import datasets
 
@@ -70,10 +84,25 @@ def _read_file(path: str):
             f"{path}: unsupported file type {ext!r} (use one of {sorted(FILE_FORMATS)}, "
             "a dataset directory or a Hub dataset name)"
         )
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty (no rows)")
+    if FILE_FORMATS[ext] in ("json", "csv"):  # text formats
+        check_utf8(path)
     try:
         return datasets.load_dataset(FILE_FORMATS[ext], data_files=path, split="train")
     except Exception as e:
-        raise DataError(f"{path}: could not be read as {FILE_FORMATS[ext]} ({e})") from e
+        raise DataError(f"{path}: could not be read as {FILE_FORMATS[ext]} ({_reason(e)})") from e
+
+
+def _reason(error: Exception) -> str:
+    """The message of the reader's own error under ``datasets``' generic wrapper."""
+    import datasets
+
+    if isinstance(error, datasets.exceptions.DatasetGenerationError):
+        cause = error.__cause__ or error.__context__
+        if cause is not None:
+            return f"{type(cause).__name__}: {cause}"
+    return str(error)
 
 
 def _read_directory(path: str, config: DataConfig):

@@ -241,8 +241,11 @@ def _read_hf_config(config: dict | str | os.PathLike) -> tuple[dict, str | None]
         path = os.path.join(path, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no config.json at {path}")
-    with open(path) as f:
-        return json.load(f), path
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f), path
+        except ValueError as err:  # not JSON, or not UTF-8
+            raise ValueError(f"{path}: not a valid JSON file ({err})") from err
 
 
 def _fields_from_hf(config: dict) -> dict[str, Any]:

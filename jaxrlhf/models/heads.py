@@ -107,16 +107,22 @@ class CausalLM(nnx.Module):
         """An all-zero KV cache of ``length`` slots."""
         return KVCache.zeros(self.config, batch, length)
 
-    def forward_cached(self, input_ids, positions, kv_mask, cache: KVCache, cache_index):
+    def forward_cached(
+        self, input_ids, positions, kv_mask, cache: KVCache, cache_index, *, last_only=False
+    ):
         """Run T new tokens through the model, reading and writing the KV cache.
 
         Args:
           input_ids, positions: [B, T]; kv_mask: [B, S] which cache slots hold real tokens;
           cache: KVCache with S slots; cache_index: slot of the first new token.
-        Returns (logits [B, T, V] float32, the updated cache).
+          last_only: return only the last position's logits [B, 1, V] (all that generation needs
+            from a prompt: the LM head is not run on the other T − 1 positions).
+        Returns (logits [B, T, V] float32 ([B, 1, V] with last_only), the updated cache).
         """
         mask = causal_mask(kv_mask, input_ids.shape[1], cache_index)  # [B, T, S]
         hidden, cache = self.model(input_ids, positions, mask, cache=cache, cache_index=cache_index)
+        if last_only:
+            hidden = hidden[:, -1:]  # [B, 1, D]
         return self.logits_from_hidden(hidden), cache
 
 

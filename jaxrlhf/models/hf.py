@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from jaxrlhf.models import gpt2, llama
@@ -100,9 +100,15 @@ def read_safetensors(path: str | os.PathLike, *, lazy: bool = False) -> dict:
         raise CheckpointError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {path}")
     tensors = {}
     for file in files:
-        with safe_open(file, framework="flax") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                tensors[key] = LazyTensor(file, key) if lazy else f.get_tensor(key)
+        try:
+            with safe_open(file, framework="flax") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    tensors[key] = LazyTensor(file, key) if lazy else f.get_tensor(key)
+        except SafetensorError as err:  # a truncated or corrupt file
+            raise CheckpointError(
+                f"{file}: not a readable safetensors file ({err}); it may be truncated: download "
+                "or save it again"
+            ) from err
     return tensors
 
 
@@ -114,8 +120,11 @@ def _param(module, path: tuple) -> nnx.Param:
     return obj
 
 
-def _assign(param: nnx.Param, tensor, name: str, *, transpose: bool, dtype, mesh=None, path=""):
-    """Set ``param`` from an HF tensor (transposed for Linear kernels: HF stores [out, in]).
+def _assign(
+    param: nnx.Param, tensor, name: str, *, transpose: bool, dtype, mesh=None, path="", source=""
+):
+    """Set ``param`` from an HF tensor (transposed for Linear kernels: HF stores [out, in]);
+    ``source`` (the checkpoint directory) names where a mis-shaped tensor came from.
 
     With a device ``mesh`` the tensor is a LazyTensor and each device's block is read straight from
     the file into the parameter's sharding (``models.sharding``): no process holds the whole tensor.
@@ -123,7 +132,7 @@ def _assign(param: nnx.Param, tensor, name: str, *, transpose: bool, dtype, mesh
     shape = tuple(tensor.shape)[::-1] if transpose else tuple(tensor.shape)
     if shape != tuple(param.shape):
         raise CheckpointError(
-            f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+            f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
             f"{tuple(param.shape[::-1]) if transpose else tuple(param.shape)}"
         )
     if mesh is None:
@@ -172,39 +181,59 @@ def load_trunk(trunk, tensors: dict, config: ModelConfig, path: str, mesh=None) 
             dtype=dtype,
             mesh=mesh,
             path="/".join(map(str, our_path)),
+            source=path,
         )
 
 
 def _load_scalar_head(head: nnx.Linear, tensors: dict, weight: str, bias: str, dtype, path: str):
-    _assign(head.kernel, _take(tensors, weight, path), weight, transpose=True, dtype=dtype)
+    kernel = _take(tensors, weight, path)
+    _assign(head.kernel, kernel, weight, transpose=True, dtype=dtype, source=path)
     if bias in tensors:
-        _assign(head.bias, tensors[bias], bias, transpose=False, dtype=dtype)
+        _assign(head.bias, tensors[bias], bias, transpose=False, dtype=dtype, source=path)
 
 
 def from_pretrained(
-    path: str | os.PathLike, *, head: str = "lm", seed: int = 0, mesh=None, **config_overrides
+    path: str | os.PathLike,
+    *,
+    head: str = "lm",
+    seed: int = 0,
+    mesh=None,
+    allow_new_head: bool = False,
+    **config_overrides,
 ) -> CausalLM | ActorCritic | ValueModel | RewardModel:
     """Load a local Hugging Face checkpoint directory (config.json + safetensors) as one of our models.
 
     Args:
       path: directory with config.json and model.safetensors (or model.safetensors.index.json).
       head: "lm" → CausalLM (logits = model(input_ids, attention_mask)); "actor_critic" →
-        ActorCritic; "value" → ValueModel (separate critic); "reward" → RewardModel. Heads absent
-        from the checkpoint (value head, reward score) are freshly initialised from ``seed``.
+        ActorCritic; "value" → ValueModel (separate critic); "reward" → RewardModel. A value head
+        absent from the checkpoint (a plain LM) is freshly initialised from ``seed``: PPO trains it.
+      allow_new_head: a reward model's score head is what it is for, so a checkpoint without
+        ``score.weight`` (a language model, not a ``train-rm`` output) is an error unless this is
+        True; then the score head is freshly initialised from ``seed`` like a value head.
       mesh: a device mesh (``models.sharding.make_mesh``): every parameter is created directly in
         its sharding, each device's block read from the safetensors file on its own, so no process
         ever holds a whole copy of the model.
       config_overrides: ModelConfig fields to change, e.g. dtype="bfloat16" or dropout=0.1.
-    Raises CheckpointError (a ValueError) naming the missing/mis-shaped tensor or refused file, and
-    ValueError naming an unsupported model_type.
+    Raises CheckpointError (a ValueError) naming the directory and the missing/mis-shaped tensor,
+    the refused (pickle) or unreadable (truncated) file, or a missing config.json, and ValueError
+    naming an unsupported model_type.
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
     config = ModelConfig.from_hf(path, **config_overrides)
     tensors = _normalise_names(read_safetensors(path, lazy=mesh is not None), config)
+    if head == "reward" and "score.weight" not in tensors and not allow_new_head:
+        raise CheckpointError(
+            f"{path} has no reward head: tensor 'score.weight' is missing (a language model, not a "
+            "reward model); train one with `jaxrlhf train-rm`, or pass allow_new_head=True to "
+            "start from a randomly initialised head"
+        )
     dtype = jnp_dtype(config)
     # Build the model abstractly (shapes only, no random init of weights we overwrite anyway).
     model = nnx.eval_shape(lambda: HEADS[head](config, rngs=nnx.Rngs(seed)))
@@ -219,6 +248,7 @@ def from_pretrained(
             dtype=dtype,
             mesh=mesh,
             path="lm_head/kernel",
+            source=path,
         )
     if isinstance(model, (ActorCritic, RewardModel, ValueModel)):
         target = model.score if isinstance(model, RewardModel) else model.value_head

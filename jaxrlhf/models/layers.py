@@ -218,6 +218,27 @@ class KVCache:
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(keys=zeros, values=zeros)
 
+    @property
+    def length(self) -> int:
+        """S, the number of slots."""
+        return self.keys[0].shape[2]
+
+    def grow(self, length: int) -> KVCache:
+        """The same cache with ``length`` ≥ S slots: the new slots (S … length − 1) are zeros.
+
+        generate grows its cache in buckets as the response gets longer, so that a decode step
+        attends over the slots filled so far (rounded up to the bucket) rather than the whole
+        response's worth: one copy per bucket instead of reading empty slots at every step.
+        """
+        extra = length - self.length
+        if extra < 0:
+            raise ValueError(f"cannot grow a cache of {self.length} slots to {length}")
+        pad = ((0, 0), (0, 0), (0, extra), (0, 0))
+        return self.replace(
+            keys=tuple(jnp.pad(k, pad) for k in self.keys),  # L × [B, K, length, d]
+            values=tuple(jnp.pad(v, pad) for v in self.values),
+        )
+
 
 def write_cache(cache_kv, new, cache_index):
     """Write new keys (or values) [B, K, T, d] into the cache [B, K, S, d] at slots cache_index…+T."""

@@ -36,6 +36,14 @@ on ``prompt answer EOS`` examples of the training prompts, the loss on the answe
 defaults stop early on purpose, with the held-out greedy accuracy well below 100%, so that RL on the
 exact reward has room to improve it.
 
+**A sloppy demonstrator** (``plus_sign_rate``): imitation copies the habits of its data. With
+``plus_sign_rate=0.8`` the SFT examples write 80% of the non-negative answers with a sign (``"+42"``),
+which the exact reward does not accept (neither correctness nor format). Imitation alone learns the
+habit (greedy decoding then signs most answers); only a reward can unlearn it, and an unlearned habit
+carries over to prompts the RL run never saw. This is the demo's setting for GRPO / RLOO (see
+``jaxrlhf.demo_algorithms``): the held-out accuracy rises because the policy stops signing answers,
+and is then bounded by how much arithmetic the SFT taught (measured there).
+
 Measured (default task: ``+``/``−`` on 0 … 99, 4000 training and 500 held-out prompts; tiny GPT-2,
 batch 64, lr 3e-3): the held-out greedy accuracy jumps late (a plateau near a loss of 1 nat while
 the carries are not yet learnt): ≈ 5% after 300 steps, 13% after 1000, 20–50% after 1600 (the
@@ -343,11 +351,20 @@ class ArithmeticTask:
         values = correctness_reward(prompts, completions, finished=finished)
         return float(np.mean(values)) if values else 0.0
 
-    def evaluate(self, model, prompts: Sequence[str] | None = None, *, batch_size: int = 256):
+    def evaluate(
+        self,
+        model,
+        prompts: Sequence[str] | None = None,
+        *,
+        batch_size: int = 256,
+        with_format: bool = False,
+    ):
         """Greedy held-out accuracy of ``model`` (a CausalLM) on ``prompts`` (default:
         ``eval_prompts``), answers sampled with :func:`jaxrlhf.rollout.sample` (greedy, up to
         ``max_new_tokens``) and counted right only when they end with EOS. Batches are padded to
-        ``batch_size`` rows (repeating some) so that one program serves all."""
+        ``batch_size`` rows (repeating some) so that one program serves all. With ``with_format``,
+        ``{"accuracy": …, "format": …}``, the second the mean :func:`format_reward` (well-formed
+        answers, right or wrong)."""
         import jax
 
         from jaxrlhf.rollout import SamplingConfig, sample
@@ -356,7 +373,7 @@ class ArithmeticTask:
         config = SamplingConfig(max_new_tokens=self.max_new_tokens, greedy=True)
         ids, mask, _ = self.prompt_batch(prompts)  # [N, P]
         batch_size = min(batch_size, len(prompts))
-        correct = []
+        correct, formatted = [], []
         for start in range(0, len(prompts), batch_size):
             rows = slice(start, start + batch_size)
             n = len(prompts[rows])
@@ -375,7 +392,11 @@ class ArithmeticTask:
             texts = self.decode(tokens, response_mask)
             finished = self.finished(tokens, response_mask)
             correct += correctness_reward(prompts[rows], texts, finished=finished)
-        return float(np.mean(correct)) if correct else 0.0
+            formatted += format_reward(prompts[rows], texts, finished=finished)
+        accuracy = float(np.mean(correct)) if correct else 0.0
+        if with_format:
+            return {"accuracy": accuracy, "format": float(np.mean(formatted)) if formatted else 0.0}
+        return accuracy
 
     def write_data_files(self, directory: str) -> dict[str, str]:
         """The task's data as the files a user would bring: ``sft.jsonl`` (prompt / completion: the
@@ -461,6 +482,16 @@ def build_arithmetic_task(
 # ----------------------------------------------------------------------------------------------
 
 
+def signed_answers(prompts: Sequence[str], plus_sign_rate: float, *, seed: int = 0) -> list[str]:
+    """The right answers of ``prompts``, a seeded ``plus_sign_rate`` fraction of the non-negative
+    ones written with a ``"+"`` (``"42"`` → ``"+42"``): a demonstrator's habit (rate 0: canonical)."""
+    if not 0.0 <= plus_sign_rate <= 1.0:
+        raise ValueError(f"plus_sign_rate = {plus_sign_rate}: must be in [0, 1]")
+    signs = np.random.default_rng([seed, 7]).random(len(prompts)) < plus_sign_rate
+    answers = [answer(p) for p in prompts]
+    return [("+" + a if s and not a.startswith("-") else a) for a, s in zip(answers, signs)]
+
+
 def sft_policy(
     task: ArithmeticTask,
     *,
@@ -469,6 +500,7 @@ def sft_policy(
     batch_size: int = 64,
     learning_rate: float = 3e-3,
     num_examples: int | None = None,
+    plus_sign_rate: float = 0.0,
     progress: bool = False,
 ):
     """A tiny GPT-2 (:func:`jaxrlhf.train.sft.tiny_model_config`: 2 layers, width 64) fine-tuned for
@@ -485,6 +517,8 @@ def sft_policy(
       seed: the initial parameters and the batch order.
       batch_size, learning_rate: as :class:`jaxrlhf.train.sft.SFTConfig`.
       num_examples: train on only the first this many training prompts (None: all).
+      plus_sign_rate: fraction of the non-negative answers written with a ``"+"`` in the examples
+        (:func:`signed_answers`; a habit the exact reward penalises).
       progress: show a progress bar.
     Returns:
       the trained ``jaxrlhf.models.CausalLM``.
@@ -495,7 +529,8 @@ def sft_policy(
     from jaxrlhf.train.sft import SFTConfig, tiny_model_config, train_sft
 
     prompts = task.train_prompts[:num_examples]
-    ids, mask, loss_mask, _ = task.sft_batch(prompts)  # [N, P + R] each
+    completions = signed_answers(prompts, plus_sign_rate, seed=seed)
+    ids, mask, loss_mask, _ = task.sft_batch(prompts, completions)  # [N, P + R] each
     width = task.max_prompt_length + task.max_new_tokens
     model_config = tiny_model_config(task.vocab_size, max_position_embeddings=max(16, width))
     model = CausalLM(model_config, rngs=nnx.Rngs(seed))

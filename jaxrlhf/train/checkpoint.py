@@ -17,7 +17,9 @@ leaves the previous checkpoints intact and the partial one invisible; the next m
 stale temporary directory. Old checkpoints are deleted only *after* a new one is finalized
 (``max_to_keep``), so a good checkpoint is never replaced by a partial one. ``tests/test_checkpoint.py``
 checks both: no temporary directory survives a save, and a leftover temporary directory from a
-"crash" is ignored.
+"crash" is ignored; ``tests/test_robustness.py`` SIGKILLs a real ``jaxrlhf ppo`` process inside orbax's
+finalize (files written, directory not yet renamed) and at a random moment, and the resumed run ends
+with the metrics of an uninterrupted one.
 
 Saving is synchronous here (``enable_async_checkpointing=False``): PPO iterations are short and a
 synchronous save keeps "the checkpoint exists" equal to "save returned".

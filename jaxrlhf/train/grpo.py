@@ -34,7 +34,7 @@ from jaxrlhf.models.heads import with_precision
 from jaxrlhf.rollout import Rollout, concat_prompt_response, response_slice, sample
 from jaxrlhf.train.checkpoint import save_checkpoint
 from jaxrlhf.train.grpo_config import GRPOConfig
-from jaxrlhf.train.loop import restore_run
+from jaxrlhf.train.loop import SkipGuard, restore_run
 from jaxrlhf.train.ppo import prompt_batch_indices
 from jaxrlhf.train.state import Means, TrainState, init_train_state, run_steps
 
@@ -67,12 +67,13 @@ class GroupLoss:
     importance_level: str
     aggregation: str
     kl_coef: float  # β in the loss (0 when the KL goes in the reward)
+    with_reference: bool  # batch.ref_logprobs hold log π_ref (else zeros: no "kl" metric)
     temperature: float
     tis_cap: float | None
 
     @property
     def weights(self) -> tuple[tuple[str, float], ...]:
-        return (("loss/policy", 1.0), ("kl", self.kl_coef))
+        return (("loss/policy", 1.0),) + ((("kl", self.kl_coef),) if self.with_reference else ())
 
     def __call__(self, params, batch: GroupBatch) -> Means:
         P, N = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
@@ -90,15 +91,16 @@ class GroupLoss:
             clip_eps_high=self.clip_eps_high, importance_level=self.importance_level,
             weights=weights,
         )  # fmt: skip
-        kl = rl.kl_loss(logprobs, batch.ref_logprobs, mask, kind="k3")  # [R, N]
         entropy = rl.token_entropy(logits, temperature=self.temperature)
         tokens = jnp.sum(mask)
-        return {
+        terms = {
             "loss/policy": rl.aggregate_terms(policy, mask, aggregation=self.aggregation),
-            "kl": (rl.masked_sum(kl, mask), tokens),
             "entropy": (jax.lax.stop_gradient(rl.masked_sum(entropy, mask)), tokens),
             "clip_ratio/region_mean": (rl.masked_sum(clipped, mask), tokens),
         }
+        if self.with_reference:  # k3(π‖π_ref): GRPO's loss term, or (kl_in="reward") a metric
+            terms["kl"] = (rl.masked_sum(rl.kl_loss(logprobs, batch.ref_logprobs, mask), mask), tokens)
+        return terms
 
 
 # ============================================================================ pure pieces
@@ -255,6 +257,7 @@ class GRPOTrainer:
             graphdef=self.graphdef, clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
             importance_level=config.importance_level, aggregation=config.loss_aggregation,
             kl_coef=config.kl_coef if config.kl_in == "loss" else 0.0,
+            with_reference=config.kl_coef > 0,
             temperature=config.temperature, tis_cap=config.tis_cap,
         )  # fmt: skip
         self.stepper = config.train_step(self.loss, config.optimizer, params)
@@ -341,7 +344,7 @@ class GRPOTrainer:
         checkpointing like PPOTrainer.train."""
         c = self.config
         total = c.num_iterations if num_iterations is None else num_iterations
-        start, history = int(self.state.iteration), []
+        start, history, guard = int(self.state.iteration), [], SkipGuard(c, "iteration")
         bar = tqdm(
             range(start, total), initial=start, total=total, disable=not progress, desc="grpo"
         )
@@ -351,8 +354,10 @@ class GRPOTrainer:
             if callback is not None:
                 callback(done, metrics)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}")
+            guard.check(done, metrics)  # stops after max_nonfinite_skips skipping iterations
             if c.checkpoint_dir and (
-                (c.checkpoint_every and done % c.checkpoint_every == 0) or done == total
+                (guard.clean and c.checkpoint_every and done % c.checkpoint_every == 0)
+                or done == total
             ):
                 self.save(c.checkpoint_dir)
         return history

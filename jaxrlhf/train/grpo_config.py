@@ -93,6 +93,15 @@ class GRPOConfig(LoopConfig):
         require(self.tis_cap is None or self.tis_cap > 0, self, "tis_cap", "must be > 0 or None")
         require(self.learning_rate > 0, self, "learning_rate", "must be > 0")
         require(self.lr_schedule in SCHEDULES, self, "lr_schedule", f"must be one of {SCHEDULES}")
+        require(self.warmup_steps >= 0, self, "warmup_steps", "must be ≥ 0")
+        require(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            self,
+            "max_grad_norm",
+            "must be > 0 or None",
+        )
+        require(self.weight_decay >= 0, self, "weight_decay", "must be ≥ 0")
+        require(self.adam_eps > 0, self, "adam_eps", "must be > 0")
 
     @property
     def rollouts(self) -> int:

@@ -24,7 +24,7 @@ from jaxrlhf.config import option, require
 from jaxrlhf.models.heads import with_precision
 from jaxrlhf.models.sharding import make_mesh, parse_mesh
 from jaxrlhf.train.checkpoint import latest_step, restore_checkpoint, save_checkpoint
-from jaxrlhf.train.state import PARALLELISM, ParallelStep, TrainState, make_train_step
+from jaxrlhf.train.state import PARALLELISM, SKIPPED, ParallelStep, TrainState, make_train_step
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +53,11 @@ class LoopConfig:
     checkpoint_dir: str | None = option(None, "Directory for orbax checkpoints (None: none).")
     checkpoint_every: int = option(0, "Save every this many steps/iterations (0: only at the end).")
     keep_checkpoints: int = option(2, "Most recent checkpoints to keep.")
+    max_nonfinite_skips: int = option(
+        3,
+        "Stop the run after this many consecutive steps/iterations whose loss or gradient was NaN "
+        "or inf (each such update is skipped: parameters and optimiser state unchanged).",
+    )
 
     def __post_init__(self):
         require(
@@ -66,6 +71,7 @@ class LoopConfig:
         )
         require(self.checkpoint_every >= 0, self, "checkpoint_every", "must be ≥ 0")
         require(self.keep_checkpoints >= 1, self, "keep_checkpoints", "must be ≥ 1")
+        require(self.max_nonfinite_skips >= 1, self, "max_nonfinite_skips", "must be ≥ 1")
         require(
             self.mesh is None or self.parallelism == "mesh",
             self,
@@ -140,6 +146,53 @@ def restore_run(directory: str, target: Any, config: Any, *, may_change=()) -> A
     return state
 
 
+class NonFiniteError(ValueError):
+    """Too many consecutive steps/iterations with a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class SkipGuard:
+    """Counts consecutive steps (or iterations) whose metrics report a skipped update
+    (``nonfinite_skipped`` > 0) and stops the run after ``config.max_nonfinite_skips`` of them.
+
+        guard = SkipGuard(config, "iteration")
+        for done in ...:
+            metrics = ...;  log(metrics)
+            guard.check(done, metrics)          # raises NonFiniteError on the K-th in a row
+            if guard.clean and <checkpoint due>: save  # never checkpoint inside a run of skips
+
+    A run of skips is never checkpointed (except at the very end of the run), so the latest
+    checkpoint is the last state from before it, and a run resumed from any checkpoint starts with
+    no skips behind it: the count needs no saving.
+    """
+
+    config: Any  # a LoopConfig (its max_nonfinite_skips and checkpoint_dir)
+    what: str  # "step" | "iteration", for the message
+    streak: int = 0  # consecutive skipping steps/iterations so far
+
+    @property
+    def clean(self) -> bool:
+        """True when the latest step/iteration updated the parameters (no skip)."""
+        return self.streak == 0
+
+    def check(self, index: int, metrics: dict[str, float]) -> None:
+        """Count ``metrics`` of step/iteration ``index`` (1-based: the number done)."""
+        self.streak = self.streak + 1 if metrics.get(SKIPPED, 0.0) > 0 else 0
+        limit = self.config.max_nonfinite_skips
+        if self.streak < limit:
+            return
+        where = self.config.checkpoint_dir
+        saved = (
+            f"; the checkpoints under {where!r} hold the state from before them" if where else ""
+        )
+        raise NonFiniteError(
+            f"non-finite loss or gradient at {self.what} {index}: {self.streak} consecutive "
+            f"{self.what}s skipped their updates ({type(self.config).__name__}."
+            f"max_nonfinite_skips = {limit}), so the run stops{saved} (check the data and the "
+            "reward function, or lower the learning rate)"
+        )
+
+
 def epoch_batches(num_rows: int, batch_size: int, epoch: int, seed: int) -> np.ndarray:
     """Row indices [num_rows // batch_size, batch_size] of one shuffled epoch (remainder dropped)."""
     order = np.random.default_rng([seed, epoch]).permutation(num_rows)
@@ -165,7 +218,9 @@ def fit(
     ``data``: a pytree of arrays with ``num_rows`` rows each. With ``config.checkpoint_dir`` the run
     first resumes from the latest checkpoint there (refusing other settings), and saves every
     ``config.checkpoint_every`` steps and at the end. ``callback(step, metrics, state)`` runs after
-    every step. Returns (state, the metrics of the steps run here).
+    every step. A step with a non-finite loss or gradient is skipped (``state.train_step``); after
+    ``config.max_nonfinite_skips`` in a row :class:`NonFiniteError` stops the run (see
+    :class:`SkipGuard`). Returns (state, the metrics of the steps run here).
     """
     num_rows = len(jax.tree.leaves(data)[0])
     per_epoch = num_rows // batch_size
@@ -173,6 +228,7 @@ def fit(
         state = restore_run(config.checkpoint_dir, state, config)
     history = []
     start = int(state.step)
+    guard = SkipGuard(config, "step")
     device_state = stepper.put_state(state)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress)
     for step in bar:
@@ -183,14 +239,15 @@ def fit(
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         done = step + 1
-        save = config.checkpoint_dir and (
-            (config.checkpoint_every and done % config.checkpoint_every == 0) or done == steps
-        )
-        if callback is not None or save:
-            state = stepper.get_state(device_state)
         if callback is not None:
-            callback(done, metrics, state)
+            callback(done, metrics, stepper.get_state(device_state))
+        guard.check(done, metrics)  # after the callback, so the step that stops is logged
+        save = config.checkpoint_dir and (
+            (guard.clean and config.checkpoint_every and done % config.checkpoint_every == 0)
+            or done == steps
+        )
         if save:
+            state = stepper.get_state(device_state)
             save_checkpoint(
                 config.checkpoint_dir, done, state, config=config, keep=config.keep_checkpoints
             )

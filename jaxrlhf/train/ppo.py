@@ -42,7 +42,7 @@ from jaxrlhf.models.sharding import param_shardings
 from jaxrlhf.rollout import sample
 from jaxrlhf.train.checkpoint import save_checkpoint
 from jaxrlhf.train.experience import missing_eos_penalty, reward_model_fn, score_rollout
-from jaxrlhf.train.loop import restore_run
+from jaxrlhf.train.loop import SkipGuard, restore_run
 from jaxrlhf.train.ppo_config import PPOConfig, resume_may_change
 from jaxrlhf.train.ppo_loss import PPOLoss
 from jaxrlhf.train.state import TrainState, init_train_state, put_batch, run_steps
@@ -363,7 +363,7 @@ class PPOTrainer:
         c = self.config
         total = c.num_iterations if num_iterations is None else num_iterations
         start = int(self.state.iteration)
-        history = []
+        history, guard = [], SkipGuard(c, "iteration")
         bar = tqdm(
             range(start, total), initial=start, total=total, disable=not progress, desc="ppo"
         )
@@ -375,8 +375,10 @@ class PPOTrainer:
             bar.set_postfix(
                 score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}"
             )
+            guard.check(done, metrics)  # stops after max_nonfinite_skips skipping iterations
             if c.checkpoint_dir and (
-                (c.checkpoint_every and done % c.checkpoint_every == 0) or done == total
+                (guard.clean and c.checkpoint_every and done % c.checkpoint_every == 0)
+                or done == total
             ):
                 self.save(c.checkpoint_dir)
         return history

@@ -321,6 +321,7 @@ def train_reward_model(
         "loss": [m["loss"] for m in history],
         "accuracy": [m["rm/accuracy"] for m in history],
         "grad_norm": [m["grad_norm"] for m in history],
+        "nonfinite_skipped": [m["nonfinite_skipped"] for m in history],
         **{k: [e[k] for e in evals] for k in ("eval_accuracy", "eval_loss")},
         "num_train_pairs": len(margins),
         "num_eval_pairs": 0 if eval_pairs is None else len(eval_pairs.chosen_ids),

@@ -235,7 +235,9 @@ def train_sft(
         progress=progress,
         callback=after_step if eval_data is not None or callback is not None else None,
     )
-    metrics: dict[str, Any] = {name: [m[name] for m in history] for name in ("loss", "grad_norm")}
+    metrics: dict[str, Any] = {
+        name: [m[name] for m in history] for name in ("loss", "grad_norm", "nonfinite_skipped")
+    }
     metrics["num_train"] = len(data[0])
     if eval_data is not None:
         metrics.update(eval_loss=evals, num_eval=len(eval_data[0]))

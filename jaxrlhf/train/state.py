@@ -61,6 +61,8 @@ AXIS = "data"
 
 Means = dict[str, tuple[jax.Array, jax.Array]]  # name → (sum over this batch, count)
 
+SKIPPED = "nonfinite_skipped"  # the metric: updates skipped for a non-finite loss or gradient
+
 
 class Loss(Protocol):
     """What ``train_step`` needs of a loss: hashable, callable, and the weights of its terms."""
@@ -121,7 +123,14 @@ def train_step(
         ``axis_name`` is None).  loss: a :class:`Loss`.  optimizer: its config.
       axis_name: the device axis, or None on one device.
     Returns:
-      (new state, metrics: every term's global mean, plus "loss" and "grad_norm").
+      (new state, metrics: every term's global mean, plus "loss", "grad_norm" and
+      ``nonfinite_skipped``).
+
+    **Non-finite values.** When the loss or any gradient element is NaN/±inf (checked after the
+    cross-device sum, so every device agrees) the update is skipped: params and opt_state come back
+    unchanged (Adam's moments and the schedule count too), ``step`` still advances (it counts the
+    batches consumed, so which batch comes next stays a function of ``step``) and
+    ``nonfinite_skipped`` is 1 (else 0). With finite values the update is exactly the plain one.
     """
     params = state.params if axis_name is None else _mark_varying(state.params, axis_name)
 
@@ -135,10 +144,30 @@ def train_step(
     (value, means), grads = jax.value_and_grad(objective, has_aux=True)(params)
     value, means, grads = _psum((value, means, grads), axis_name)
     updates, opt_state = optimizer.build().update(grads, state.opt_state, state.params)
+    finite = all_finite((value, grads))  # after the psum: every device decides alike
     new_state = TrainState(
-        params=optax.apply_updates(state.params, updates), opt_state=opt_state, step=state.step + 1
+        params=keep_if(finite, optax.apply_updates(state.params, updates), state.params),
+        opt_state=keep_if(finite, opt_state, state.opt_state),
+        step=state.step + 1,
     )
-    return new_state, {**means, "loss": value, "grad_norm": optax.tree.norm(grads)}
+    metrics = {
+        **means,
+        "loss": value,
+        "grad_norm": optax.tree.norm(grads),
+        SKIPPED: 1.0 - finite.astype(jnp.float32),
+    }
+    return new_state, metrics
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """bool [] — True when every element of every (floating) leaf of ``tree`` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``ok`` else ``old``, leaf by leaf (a select: ``new`` exactly when ok)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 # ------------------------------------------------------------------------- the three wrappers
@@ -339,7 +368,8 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def run_steps(stepper: ParallelStep, state: TrainState, data: Any, indices) -> tuple[Any, dict]:
-    """Train steps on the minibatches ``data[indices[i]]``, in order → (state, mean metrics).
+    """Train steps on the minibatches ``data[indices[i]]``, in order → (state, mean metrics; the
+    number of skipped updates for ``nonfinite_skipped``).
 
     ``indices`` [S, b]: row i selects minibatch i. Single / shard_map: one jitted ``lax.scan`` (one
     dispatch for the whole update; ``state`` is donated); pmap: a Python loop of pmapped steps.
@@ -352,8 +382,14 @@ def run_steps(stepper: ParallelStep, state: TrainState, data: Any, indices) -> t
         batch = jax.tree.map(lambda x: x[idx], data)  # noqa: B023
         device_state, metrics = stepper.step(device_state, stepper.put_batch(batch))
         history.append(metrics)
-    mean = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *history)
-    return stepper.get_state(device_state), mean
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *history)
+    return stepper.get_state(device_state), reduce_metrics(stacked)
+
+
+def reduce_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-minibatch metrics [S] → one value each: the mean, but ``nonfinite_skipped`` summed
+    (how many of the S updates were skipped)."""
+    return {k: jnp.sum(v) if k == SKIPPED else jnp.mean(v) for k, v in stacked.items()}
 
 
 @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
@@ -362,4 +398,4 @@ def _scan_steps(state, data, indices, stepper: ParallelStep):
         return stepper.step(state, jax.tree.map(lambda x: x[idx], data))
 
     state, metrics = jax.lax.scan(body, state, indices)
-    return state, jax.tree.map(jnp.mean, metrics)
+    return state, reduce_metrics(metrics)
