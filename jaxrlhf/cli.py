@@ -451,6 +451,8 @@ def _add_distributed(parser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' "PyTorch was not found" advice: torch is a test extra, never needed to run.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.compile_cache:  # before the first jitted call

@@ -153,7 +153,7 @@ NOISE_BLOCK_BYTES = 16 * 2**20
 """At most this much Gumbel noise ([K, B, V] float32) is drawn ahead, for K decode steps at a time."""
 
 
-def decode_chunks(prompt_len: int, max_new_tokens: int, first: int = FIRST_BUCKET):
+def decode_chunks(prompt_len: int, max_new_tokens: int, first: int | None = None):
     """How the decode steps t = 1 … N − 1 are split by cache size: ((t₀, t₁, slots), …).
 
     Step t feeds response token t − 1 into slot P + t − 1, so steps t₀ ≤ t < t₁ need P + t₁ − 1
@@ -161,7 +161,7 @@ def decode_chunks(prompt_len: int, max_new_tokens: int, first: int = FIRST_BUCKE
     over fewer than twice the slots filled so far (P + t), and there are ⌈log₂((N − 1)/first)⌉ + 1
     compiled loop bodies. Empty for N = 1.
     """
-    chunks, t0, room = [], 1, first
+    chunks, t0, room = [], 1, first or FIRST_BUCKET
     while t0 < max_new_tokens:
         t1 = min(max_new_tokens, room + 1)
         chunks.append((t0, t1, prompt_len + t1 - 1))
@@ -181,9 +181,22 @@ def _prefill(lm: CausalLM, input_ids, attention_mask):
     return logits[:, 0], cache
 
 
+def noise_block(batch: int, vocab_size: int, max_new_tokens: int) -> int:
+    """K, the decode steps whose Gumbel noise [K, B, V] is drawn at once: ≤ NOISE_BLOCK_BYTES, ≥ 1."""
+    return max(1, min(max_new_tokens - 1, NOISE_BLOCK_BYTES // (4 * batch * vocab_size)))
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "top_k", "use_top_p", "greedy"),
+    static_argnames=(
+        "graphdef",
+        "max_new_tokens",
+        "top_k",
+        "use_top_p",
+        "greedy",
+        "chunks",
+        "noise_steps",
+    ),
 )
 def _generate(
     state,
@@ -200,9 +213,12 @@ def _generate(
     top_k,
     use_top_p: bool,
     greedy: bool,
+    chunks: tuple,
+    noise_steps: int,
 ) -> Rollout:
     """The jitted body of generate. temperature, top_p, eos_token_id (−1: none) and pad_token_id are
-    traced scalars, so changing them does not recompile."""
+    traced scalars, so changing them does not recompile. ``chunks`` (``decode_chunks``) and
+    ``noise_steps`` (``noise_block``) are static: how the decode loop is laid out."""
     lm = nnx.merge(graphdef, state)
     B, P = input_ids.shape
     N = max_new_tokens
@@ -239,7 +255,7 @@ def _generate(
     def run_chunk(carry, t0, t1, slots):
         """Steps t₀ ≤ t < t₁ over a cache of ``slots`` slots, drawing noise K steps at a time."""
         chunk_mask = kv_mask[:, :slots]  # [B, slots]
-        K = max(1, min(t1 - t0, NOISE_BLOCK_BYTES // (4 * B * V)))
+        K = t1 - t0 if greedy else min(t1 - t0, noise_steps)  # steps per block
 
         def running(t, done):
             return (t < t1) & ~jnp.all(done)
@@ -270,7 +286,7 @@ def _generate(
         return jax.lax.while_loop(lambda c: running(c[0], c[2]), block, carry)
 
     carry = (jnp.int32(1), token, done, cache, tokens, mask, logprobs)
-    for t0, t1, slots in decode_chunks(P, N):
+    for t0, t1, slots in chunks:
         t, token, done, cache, tokens, mask, logprobs = carry
         carry = run_chunk(
             (t, token, done, cache.grow(slots), tokens, mask, logprobs), t0, t1, slots
@@ -362,6 +378,8 @@ def generate(
         top_k=top_k,
         use_top_p=top_p is not None,
         greedy=greedy,
+        chunks=decode_chunks(input_ids.shape[1], max_new_tokens),
+        noise_steps=noise_block(input_ids.shape[0], model.config.vocab_size, max_new_tokens),
     )
 
 

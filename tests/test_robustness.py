@@ -23,7 +23,6 @@ import pytest
 import train_utils as tu
 from flax import nnx
 
-from jaxrlhf.cli import main
 from jaxrlhf.data.demo_task import sample_corpus, sample_prompts
 from jaxrlhf.logging import read_metrics
 from jaxrlhf.models import CausalLM
@@ -229,7 +228,7 @@ def test_k_nan_iterations_stop_ppo_naming_the_iteration_with_the_checkpoint_inta
 
 # ============================================================================ kill -9 and determinism
 #
-# Real `jaxrlhf` processes, seven of them:
+# Real `jaxrlhf` processes, eight of them:
 #   ppo_a, rm_a         first, side by side: the uninterrupted runs (they fill the compilation cache)
 #   then, side by side:
 #   ppo_b, rm_b         the same commands again (determinism)
@@ -237,6 +236,7 @@ def test_k_nan_iterations_stop_ppo_naming_the_iteration_with_the_checkpoint_inta
 #                       into the temporary directory, not yet renamed) and SIGKILLed there
 #   killed_at_random    its resume, SIGKILLed a seeded random delay after its checkpoint 2 is final
 #   finished            the resume of that, to the end; its metrics must equal ppo_a's
+#   ppo_nan             PPO against a reward model whose scores are NaN (also in the second group)
 # The kill hook is a wrapper script that patches orbax in the killed process only: the product code
 # runs unchanged. The processes share a persistent XLA compilation cache in the test's directory (the
 # CLI caches compiled programs by default too), so only the first two compile.
@@ -274,7 +274,11 @@ def workspace(tmp_path_factory):
                                max_position_embeddings=32)  # fmt: skip
     base = CausalLM(config, rngs=nnx.Rngs(0))
     save_pretrained(base, root / "base", tokenizer=tokenizer)
-    save_pretrained(reward_model_from_policy(base, seed=1), root / "rm", tokenizer=tokenizer)
+    reward_model = reward_model_from_policy(base, seed=1)
+    save_pretrained(reward_model, root / "rm", tokenizer=tokenizer)
+    reward_model.score.bias[...] = jnp.full_like(reward_model.score.bias[...], jnp.nan)
+    with pytest.warns(UserWarning, match="bias nan"):  # scores every reply NaN
+        save_pretrained(reward_model, root / "rm_nan", tokenizer=tokenizer)
     prompts = sample_prompts(rng, 16)
     with open(root / "prefs.jsonl", "w") as f:
         f.writelines(
@@ -287,9 +291,9 @@ def workspace(tmp_path_factory):
     return root
 
 
-def ppo_argv(ws, out):
+def ppo_argv(ws, out, reward_model="rm"):
     return ["ppo", "--prompts", str(ws / "prompts.jsonl"), "--policy", str(ws / "base"),
-            "--reward-model", str(ws / "rm"), "--out", str(out), "--quiet",
+            "--reward-model", str(ws / reward_model), "--out", str(out), "--quiet",
             "--ppo-batch-size", "4", "--ppo-max-new-tokens", "4", "--ppo-ppo-epochs", "1",
             "--ppo-num-iterations", str(ITERATIONS), "--ppo-checkpoint-every", "1",
             *DATA_FLAGS]  # fmt: skip
@@ -349,7 +353,7 @@ def finalized(directory):
 @pytest.fixture(scope="module")
 def runs(workspace, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    out = {name: root / name for name in ("ppo_a", "ppo_b", "rm_a", "rm_b", "killed")}
+    out = {name: root / name for name in ("ppo_a", "ppo_b", "rm_a", "rm_b", "killed", "ppo_nan")}
     checkpoints = out["killed"] / "checkpoints"
     signal_file = root / "paused"
     processes = {}
@@ -372,6 +376,8 @@ def runs(workspace, tmp_path_factory):
                      PAUSE_SIGNAL=str(signal_file))  # fmt: skip
         done("rm_a")
         run("rm_b", rm_argv(workspace, out["rm_b"]))
+        nan = run("ppo_nan", [*ppo_argv(workspace, out["ppo_nan"], "rm_nan"),
+                              "--ppo-max-nonfinite-skips", "2"])  # fmt: skip
 
         # 1. Kill inside the save of checkpoint 2: its files are written, not yet renamed.
         wait_for(signal_file.exists, paused, root / "killed_in_save.log")
@@ -396,6 +402,8 @@ def runs(workspace, tmp_path_factory):
         result["finished_log"] = (root / "finished.log").read_text()
         for name in ("ppo_b", "rm_b"):
             done(name)
+        result["ppo_nan"] = nan.wait(timeout=TIMEOUT_S)
+        result["ppo_nan_log"] = (root / "ppo_nan.log").read_text()
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -445,21 +453,14 @@ def test_the_same_train_rm_command_twice_writes_the_same_metrics(runs):
     assert a == read_metrics(runs["out"]["rm_b"] / "metrics.jsonl")
 
 
-def test_the_cli_stops_on_non_finite_losses_with_one_error_line(workspace, tmp_path, capsys):
-    # A learning rate of 1e30: the first step (finite) throws the weights to ~1e30, every later loss
-    # is NaN and skipped; the second skip in a row stops the run at step 3.
-    with open(tmp_path / "text.jsonl", "w") as f:
-        f.writelines(json.dumps({"text": f"the food was great {i} ."}) + "\n" for i in range(16))
-    out = tmp_path / "sft"
-    argv = ["sft", "--data", str(tmp_path / "text.jsonl"), "--model", str(workspace / "base"),
-            "--out", str(out), "--quiet", "--sft-steps", "6", "--sft-batch-size", "4",
-            "--sft-learning-rate", "1e30", "--sft-warmup-steps", "0", "--sft-eval-fraction", "0",
-            "--sft-checkpoint-every", "1", "--sft-max-nonfinite-skips", "2", *DATA_FLAGS]  # fmt: skip
-    assert main(argv) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("error: non-finite loss or gradient at step 3")
-    assert "SFTConfig.max_nonfinite_skips = 2" in errors[0]
-    logged = read_metrics(out / "metrics.jsonl")
-    assert [r["train/nonfinite_skipped"] for r in logged] == [0.0, 1.0, 1.0]
-    assert logged[1]["train/loss"] is None  # NaN is written as null
-    assert all_steps(out / "checkpoints") == [1]
+def test_a_nan_reward_model_stops_the_ppo_command_with_one_error_line(runs):
+    assert runs["ppo_nan"] == 2, runs["ppo_nan_log"][-3000:]
+    errors = [line for line in runs["ppo_nan_log"].splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("error: non-finite loss or gradient at iteration 2: 2 consecutive")
+    assert "PPOConfig.max_nonfinite_skips = 2" in errors[0]
+    logged = read_metrics(runs["out"]["ppo_nan"] / "metrics.jsonl")
+    updates = PPOConfig(batch_size=4).num_minibatches  # × ppo_epochs = 1
+    assert [(r["step"], r["nonfinite_skipped"]) for r in logged] == [(1, updates), (2, updates)]
+    assert all(r["objective/scores"] is None for r in logged)  # NaN is written as null
+    assert all_steps(runs["out"]["ppo_nan"] / "checkpoints") == []  # never a good state to save

@@ -99,7 +99,10 @@ class GroupLoss:
             "clip_ratio/region_mean": (rl.masked_sum(clipped, mask), tokens),
         }
         if self.with_reference:  # k3(π‖π_ref): GRPO's loss term, or (kl_in="reward") a metric
-            terms["kl"] = (rl.masked_sum(rl.kl_loss(logprobs, batch.ref_logprobs, mask), mask), tokens)
+            terms["kl"] = (
+                rl.masked_sum(rl.kl_loss(logprobs, batch.ref_logprobs, mask), mask),
+                tokens,
+            )
         return terms
 
 

@@ -9,7 +9,7 @@ from jaxrlhf.config import option, require
 from jaxrlhf.rl.losses import AGGREGATIONS
 from jaxrlhf.rollout import SamplingConfig
 from jaxrlhf.train.loop import LoopConfig
-from jaxrlhf.train.optim import SCHEDULES, OptimizerConfig, scheduled_adamw
+from jaxrlhf.train.optim import OptimizerConfig, check_scheduled_adamw, scheduled_adamw
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
@@ -91,17 +91,7 @@ class GRPOConfig(LoopConfig):
         require(self.kl_coef >= 0, self, "kl_coef", "must be ≥ 0")
         require(self.kl_in in ("loss", "reward"), self, "kl_in", "must be loss or reward")
         require(self.tis_cap is None or self.tis_cap > 0, self, "tis_cap", "must be > 0 or None")
-        require(self.learning_rate > 0, self, "learning_rate", "must be > 0")
-        require(self.lr_schedule in SCHEDULES, self, "lr_schedule", f"must be one of {SCHEDULES}")
-        require(self.warmup_steps >= 0, self, "warmup_steps", "must be ≥ 0")
-        require(
-            self.max_grad_norm is None or self.max_grad_norm > 0,
-            self,
-            "max_grad_norm",
-            "must be > 0 or None",
-        )
-        require(self.weight_decay >= 0, self, "weight_decay", "must be ≥ 0")
-        require(self.adam_eps > 0, self, "adam_eps", "must be > 0")
+        check_scheduled_adamw(self)
 
     @property
     def rollouts(self) -> int:

@@ -85,6 +85,19 @@ class OptimizerConfig:
         )
 
 
+def check_scheduled_adamw(config) -> None:
+    """Validate the fields :func:`scheduled_adamw` reads (errors name the config's field)."""
+    from jaxrlhf.config import require
+
+    require(config.learning_rate > 0, config, "learning_rate", "must be > 0")
+    require(config.lr_schedule in SCHEDULES, config, "lr_schedule", f"must be one of {SCHEDULES}")
+    require(config.warmup_steps >= 0, config, "warmup_steps", "must be ≥ 0")
+    clip = config.max_grad_norm
+    require(clip is None or clip > 0, config, "max_grad_norm", "must be > 0 or None")
+    require(config.weight_decay >= 0, config, "weight_decay", "must be ≥ 0")
+    require(config.adam_eps > 0, config, "adam_eps", "must be > 0")
+
+
 def scheduled_adamw(config, total_steps: int) -> OptimizerConfig:
     """The optimiser of an RL trainer config (PPOConfig, GRPOConfig): its ``learning_rate``,
     ``lr_schedule``, ``warmup_steps``, ``max_grad_norm`` (None: off), ``weight_decay`` and

@@ -11,7 +11,7 @@ from jaxrlhf.config import option, require
 from jaxrlhf.rl.losses import AGGREGATIONS
 from jaxrlhf.rollout import SamplingConfig
 from jaxrlhf.train.loop import LoopConfig
-from jaxrlhf.train.optim import SCHEDULES, OptimizerConfig, scheduled_adamw
+from jaxrlhf.train.optim import OptimizerConfig, check_scheduled_adamw, scheduled_adamw
 
 KL_ESTIMATORS = ("k1", "k3")
 CRITIC_INITS = ("sft", "reward_model")
@@ -86,7 +86,7 @@ class PPOConfig(LoopConfig):
         super().__post_init__()
         self._check_loop()
         self._check_sampling()
-        self._check_optimizer()
+        check_scheduled_adamw(self)
         self._check_objective()
         self._check_devices()
 
@@ -110,19 +110,6 @@ class PPOConfig(LoopConfig):
         )
         require(self.top_k is None, self, "top_k", why)
         require(self.top_p is None, self, "top_p", why)
-
-    def _check_optimizer(self):
-        require(self.learning_rate > 0, self, "learning_rate", "must be > 0")
-        require(self.lr_schedule in SCHEDULES, self, "lr_schedule", f"must be one of {SCHEDULES}")
-        require(self.warmup_steps >= 0, self, "warmup_steps", "must be ≥ 0")
-        require(
-            self.max_grad_norm is None or self.max_grad_norm > 0,
-            self,
-            "max_grad_norm",
-            "must be > 0 or None",
-        )
-        require(self.weight_decay >= 0, self, "weight_decay", "must be ≥ 0")
-        require(self.adam_eps > 0, self, "adam_eps", "must be > 0")
 
     def _check_objective(self):
         require(0 < self.clip_eps < 1, self, "clip_eps", "must be in (0, 1)")
