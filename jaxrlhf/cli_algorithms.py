@@ -68,7 +68,7 @@ def cmd_grpo(args) -> int:
     save_pretrained(trainer.actor(), os.path.join(args.out, "policy"), tokenizer=tokenizer)
     last = history[-1] if history else {}
     keys = ("reward", "reward_std", "frac_reward_zero_std", "kl", "completions/mean_length")
-    print(json.dumps({k: last.get(k) for k in keys}, indent=2))
+    print(json.dumps({k: last[k] for k in keys if k in last}, indent=2))  # kl: only with β > 0
     return 0
 
 

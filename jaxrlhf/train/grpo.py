@@ -110,8 +110,9 @@ class GroupLoss:
 
 
 def repeat_groups(x, group_size: int):
-    """Each row repeated ``group_size`` times, consecutively: [B, ...] → [B·G, ...]."""
-    return jnp.repeat(x, group_size, axis=0)
+    """Each row repeated ``group_size`` times, consecutively: [B, ...] → [B·G, ...] (on the host:
+    NumPy in, NumPy out; no device dispatch per iteration)."""
+    return np.repeat(np.asarray(x), group_size, axis=0)
 
 
 def zero_std_groups(scores, group_size: int):
@@ -329,8 +330,8 @@ class GRPOTrainer:
 
     def _draw(self, actor, idx, rng):
         c = self.config
-        prompt_ids = repeat_groups(jnp.asarray(self.prompt_ids[idx]), c.group_size)  # [B·G, P]
-        prompt_mask = repeat_groups(jnp.asarray(self.prompt_mask[idx]), c.group_size)
+        prompt_ids = repeat_groups(self.prompt_ids[idx], c.group_size)  # [B·G, P]
+        prompt_mask = repeat_groups(self.prompt_mask[idx], c.group_size)
         rollout = sample(actor, prompt_ids, prompt_mask, c.sampling, rng,
                          eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)  # fmt: skip
         scores = jnp.asarray(self.reward_fn(prompt_ids, prompt_mask, rollout), jnp.float32)
