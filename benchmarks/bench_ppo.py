@@ -151,7 +151,53 @@ def bench_jaxrlhf(name: str, updates: int) -> dict:
         "update_s": float(np.mean(times)),
         "update_min_s": float(np.min(times)),
         "updates": times,
+        "phases_s": phase_times(trainer, updates),
     }
+
+
+PHASES = {  # phase of one update: (the ppo module's function it runs, the FLOP keys it does)
+    "rollout": ("sample", ("rollout",)),
+    "scoring": ("score_rollout", ("reference", "value forward")),
+    "train step": ("run_steps", ("train step",)),
+}
+
+
+def phase_times(trainer, updates: int) -> dict[str, float]:
+    """Mean seconds of each phase of an update (rollout, scoring: reward model + reference + values
+    + GAE, train step), measured by wrapping the functions ``PPOTrainer.iteration`` calls so that
+    each waits for its own results. Waiting serialises work that otherwise overlaps a little, so the
+    parts add up to slightly more than an unwrapped update."""
+    import jax
+    import numpy as np
+
+    from jaxrlhf.train import ppo
+
+    spent = {name: [] for name in (*PHASES, "reward model")}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = jax.block_until_ready(fn(*args, **kwargs))
+            spent[name].append(time.perf_counter() - start)
+            return out
+
+        return wrapper
+
+    originals = {attr: getattr(ppo, attr) for attr, _ in PHASES.values()}
+    reward_fn = trainer.reward_fn
+    try:
+        for name, (attr, _) in PHASES.items():
+            setattr(ppo, attr, timed(name, originals[attr]))
+        trainer.reward_fn = timed("reward model", reward_fn)
+        for _ in range(updates):
+            trainer.step()
+    finally:
+        for attr, fn in originals.items():
+            setattr(ppo, attr, fn)
+        trainer.reward_fn = reward_fn
+    means = {name: float(np.mean(times)) for name, times in spent.items()}
+    means["scoring"] += means.pop("reward model")
+    return means
 
 
 # ----------------------------------------------------------------------------- trl
@@ -369,6 +415,22 @@ def main(argv=None) -> int:
             f"| {ours['first_s']:.1f} s | {ours['flops_per_s'] / 1e9:.1f} "
             f"| {100 * ours['flops_per_s'] / peak:.0f}% |"
         )
+    print()
+    print("One jaxrlhf update, phase by phase (each phase waited for; matmul FLOPs as above):")
+    print("| model | phase | s | share | GFLOP/s | % of matmul peak |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, row in results["sizes"].items():
+        hidden, layers, _ = SIZES[name]
+        flops = matmul_flops(hidden, layers)
+        phases = row["jaxrlhf"]["phases_s"]
+        total = sum(phases.values())
+        for phase, seconds in phases.items():
+            work = sum(flops[k] for k in PHASES[phase][1]) + (
+                flops["reward"] if phase == "scoring" else 0
+            )
+            rate = work / seconds
+            print(f"| {name} | {phase} | {seconds:.4f} | {100 * seconds / total:.0f}% "
+                  f"| {rate / 1e9:.1f} | {100 * rate / peak:.0f}% |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -144,6 +144,8 @@ def test_arithmetic_demo_end_to_end(tmp_path, monkeypatch):
         assert all(0.0 <= v <= 1.0 for v in summary[name].values()), summary
     # 50 steps of the signing demonstrator: most non-negative answers come out signed, ill-formed.
     assert summary["held_out_well_formed"]["before"] < 0.7, summary
-    records = [json.loads(line) for line in (tmp_path / "metrics_rloo.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "metrics_rloo.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in records] == [1, 2]
     assert (tmp_path / "report.md").exists()
