@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from tqdm.auto import tqdm
 
 from jaxrlhf import rl
 from jaxrlhf.models import CausalLM
@@ -34,7 +33,7 @@ from jaxrlhf.models.heads import with_precision
 from jaxrlhf.rollout import Rollout, concat_prompt_response, response_slice, sample
 from jaxrlhf.train.checkpoint import save_checkpoint
 from jaxrlhf.train.grpo_config import GRPOConfig
-from jaxrlhf.train.loop import SkipGuard, restore_run
+from jaxrlhf.train.loop import restore_run, run_iterations
 from jaxrlhf.train.ppo import prompt_batch_indices
 from jaxrlhf.train.state import Means, TrainState, init_train_state, run_steps
 
@@ -346,25 +345,10 @@ class GRPOTrainer:
     def train(self, num_iterations=None, *, callback=None, progress=True) -> list[dict]:
         """Iterate until ``num_iterations`` (default config.num_iterations) are done in total,
         checkpointing like PPOTrainer.train."""
-        c = self.config
-        total = c.num_iterations if num_iterations is None else num_iterations
-        start, history, guard = int(self.state.iteration), [], SkipGuard(c, "iteration")
-        bar = tqdm(
-            range(start, total), initial=start, total=total, disable=not progress, desc="grpo"
-        )
-        for done in (it + 1 for it in bar):
-            metrics = self.step()
-            history.append(metrics)
-            if callback is not None:
-                callback(done, metrics)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}")
-            guard.check(done, metrics)  # stops after max_nonfinite_skips skipping iterations
-            if c.checkpoint_dir and (
-                (guard.clean and c.checkpoint_every and done % c.checkpoint_every == 0)
-                or done == total
-            ):
-                self.save(c.checkpoint_dir)
-        return history
+        return run_iterations(
+            self, num_iterations, desc="grpo", callback=callback, progress=progress,
+            postfix=lambda m: {"reward": f"{m['reward']:.3f}"},
+        )  # fmt: skip
 
     def save(self, directory: str) -> None:
         save_checkpoint(directory, int(self.state.iteration), self.state, config=self.config,

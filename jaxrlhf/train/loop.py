@@ -193,6 +193,43 @@ class SkipGuard:
         )
 
 
+def run_iterations(
+    trainer,
+    num_iterations: int | None,
+    *,
+    desc: str,
+    postfix: Callable[[dict[str, float]], dict[str, str]],
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """The RL trainers' outer loop (PPOTrainer.train, GRPOTrainer.train): ``trainer.step()`` until
+    ``num_iterations`` (default ``trainer.config.num_iterations``) are done in total, continuing from
+    ``trainer.state.iteration``.
+
+    After each iteration ``callback(iteration, metrics)`` is called; :class:`SkipGuard` stops the run
+    after ``max_nonfinite_skips`` skipping iterations in a row; with ``config.checkpoint_dir``,
+    ``trainer.save`` runs every ``checkpoint_every`` iterations (never inside a run of skips) and
+    after the last one. Returns the metrics of the iterations run here.
+    """
+    c = trainer.config
+    total = c.num_iterations if num_iterations is None else num_iterations
+    start = int(trainer.state.iteration)
+    history, guard = [], SkipGuard(c, "iteration")
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc=desc)
+    for done in (it + 1 for it in bar):
+        metrics = trainer.step()
+        history.append(metrics)
+        if callback is not None:
+            callback(done, metrics)
+        bar.set_postfix(postfix(metrics))
+        guard.check(done, metrics)  # stops after max_nonfinite_skips skipping iterations
+        if c.checkpoint_dir and (
+            (guard.clean and c.checkpoint_every and done % c.checkpoint_every == 0) or done == total
+        ):
+            trainer.save(c.checkpoint_dir)
+    return history
+
+
 def epoch_batches(num_rows: int, batch_size: int, epoch: int, seed: int) -> np.ndarray:
     """Row indices [num_rows // batch_size, batch_size] of one shuffled epoch (remainder dropped)."""
     order = np.random.default_rng([seed, epoch]).permutation(num_rows)

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from tqdm.auto import tqdm
 
 from jaxrlhf import rl
 from jaxrlhf.models import ActorCritic, CausalLM, RewardModel, ValueModel
@@ -42,7 +41,7 @@ from jaxrlhf.models.sharding import param_shardings
 from jaxrlhf.rollout import sample
 from jaxrlhf.train.checkpoint import save_checkpoint
 from jaxrlhf.train.experience import missing_eos_penalty, reward_model_fn, score_rollout
-from jaxrlhf.train.loop import SkipGuard, restore_run
+from jaxrlhf.train.loop import restore_run, run_iterations
 from jaxrlhf.train.ppo_config import PPOConfig, resume_may_change
 from jaxrlhf.train.ppo_loss import PPOLoss
 from jaxrlhf.train.state import TrainState, init_train_state, put_batch, run_steps
@@ -360,28 +359,12 @@ class PPOTrainer:
         it); with ``config.checkpoint_dir`` a checkpoint is saved every ``checkpoint_every``
         iterations and after the last one. Continues from ``self.state`` (see :meth:`restore`).
         """
-        c = self.config
-        total = c.num_iterations if num_iterations is None else num_iterations
-        start = int(self.state.iteration)
-        history, guard = [], SkipGuard(c, "iteration")
-        bar = tqdm(
-            range(start, total), initial=start, total=total, disable=not progress, desc="ppo"
-        )
-        for done in (it + 1 for it in bar):
-            metrics = self.step()
-            history.append(metrics)
-            if callback is not None:
-                callback(done, metrics)
-            bar.set_postfix(
-                score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}"
-            )
-            guard.check(done, metrics)  # stops after max_nonfinite_skips skipping iterations
-            if c.checkpoint_dir and (
-                (guard.clean and c.checkpoint_every and done % c.checkpoint_every == 0)
-                or done == total
-            ):
-                self.save(c.checkpoint_dir)
-        return history
+        return run_iterations(
+            self, num_iterations, desc="ppo", callback=callback, progress=progress,
+            postfix=lambda m: {
+                "score": f"{m['objective/scores']:.3f}", "kl": f"{m['objective/kl']:.3f}"
+            },
+        )  # fmt: skip
 
     # -- checkpoints and the trained model --------------------------------------------------------
 
