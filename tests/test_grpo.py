@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from jaxrlhf.rollout import Rollout
 from jaxrlhf.train.grpo import (
     GRPOTrainer,
     _merge_groups,
-    repeat_groups,
+    minibatch_indices,
     text_reward_fn,
     zero_std_groups,
 )
@@ -46,8 +47,18 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
         tiny_grpo_config(**{field: value})
 
 
-def test_groups_are_consecutive_and_zero_signal_groups_are_found():
-    np.testing.assert_array_equal(repeat_groups(jnp.array([[1], [2]]), 3), [[1]] * 3 + [[2]] * 3)
+def test_minibatches_hold_whole_groups_and_zero_signal_groups_are_found():
+    idx = np.asarray(
+        minibatch_indices(jax.random.PRNGKey(0), epochs=2, rollouts=12, minibatch=6, group_size=3)
+    )  # 2 epochs × 2 minibatches of 2 groups of 3
+    assert idx.shape == (4, 6)
+    for epoch in (idx[:2], idx[2:]):  # every row once per epoch
+        np.testing.assert_array_equal(np.sort(epoch.ravel()), np.arange(12))
+    groups = idx.reshape(-1, 3)  # each minibatch: whole groups, rows in order
+    np.testing.assert_array_equal(groups - groups[:, :1], np.tile([0, 1, 2], (8, 1)))
+    assert np.all(groups[:, 0] % 3 == 0)
+    rows = np.asarray(minibatch_indices(jax.random.PRNGKey(0), epochs=1, rollouts=12, minibatch=6))
+    assert sorted(rows.ravel()) == list(range(12))  # group_size 1: a permutation of the rows
     scores = jnp.array([1.0, 1.0, 0.0, 2.0, 3.0, 3.0])  # groups of 2: equal, unequal, equal
     np.testing.assert_array_equal(zero_std_groups(scores, 2), [True, False, True])
 

@@ -104,17 +104,23 @@ class GPT2Model(nnx.Module):
         """The [V, D] token embedding matrix (the tied LM head)."""
         return self.wte.embedding[...]
 
-    def __call__(self, input_ids, positions, mask, *, cache=None, cache_index=0, dropout_rng=None):
+    def __call__(
+        self, input_ids, positions, mask, *, cache=None, cache_index=0, dropout_rng=None, remat=None
+    ):
         """Args: input_ids, positions [B, T]; mask [B, T, S] bool (layers.causal_mask);
-        cache: a layers.KVCache or None. Returns (hidden [B, T, D], new cache or None)."""
+        cache: a layers.KVCache or None. remat: recompute each block in the backward pass (None:
+        config.remat when there is no cache, so never while decoding). Returns (hidden [B, T, D], new cache
+        or None)."""
         x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
         x = dropout(x, self.config.dropout, fold_rng(dropout_rng, 0))
+        if remat is None:
+            remat = self.config.remat and cache is None
         keys, values = [], []
         for i, block in enumerate(self.h):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
             x, layer_cache = call_block(
                 block, x, mask, layer_cache, cache_index, fold_rng(dropout_rng, i + 1),
-                remat=self.config.remat and cache is None,
+                remat=remat,
             )  # fmt: skip
             if cache is not None:
                 keys.append(layer_cache[0])

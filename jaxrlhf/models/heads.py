@@ -22,7 +22,13 @@ from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.gpt2 import GPT2Model
-from jaxrlhf.models.layers import KVCache, causal_mask, jnp_dtype, positions_from_mask
+from jaxrlhf.models.layers import (
+    KVCache,
+    causal_mask,
+    fold_rng,
+    jnp_dtype,
+    positions_from_mask,
+)
 from jaxrlhf.models.llama import LlamaModel
 
 
@@ -39,6 +45,58 @@ def trunk_hidden(trunk, input_ids, attention_mask, *, dropout_rng=None):
     mask = causal_mask(attention_mask, input_ids.shape[1])  # [B, T, T]
     hidden, _ = trunk(input_ids, positions, mask, dropout_rng=dropout_rng)
     return hidden
+
+
+def response_hidden(
+    trunk, prompt_ids, prompt_mask, response_ids, response_mask, *, group_size: int = 1,
+    dropout_rng=None,
+):  # fmt: skip
+    """The hidden states that score responses: the last prompt position, then the N response
+    positions → [R, N + 1, D]. h[:, j] (j < N) predicts response token j; h[:, n] is the last real
+    token of a response with n tokens (responses end in padding).
+
+    Each prompt is run once for its ``group_size`` responses: prompt_ids, prompt_mask [R / G, P]
+    (left-padded), response_ids, response_mask [R, N] with the G responses of prompt i in rows
+    i·G … i·G + G − 1. The prompt's keys and values (a KV cache of P slots) are repeated G times and
+    the responses attend to them, so a group of G costs P + G·N token passes instead of G·(P + N):
+    the same values as running every prompt ⧺ response (``trunk_hidden``), up to float rounding, and
+    differentiable through the shared prompt.
+    """
+    B, P = prompt_ids.shape
+    R, N = response_ids.shape
+    chex.assert_rank([prompt_ids, prompt_mask, response_ids, response_mask], 2)
+    if R != B * group_size:
+        raise ValueError(
+            f"{R} responses are not {group_size} per prompt for {B} prompts (group_size)"
+        )
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    cache = KVCache.zeros(trunk.config, B, P)
+    prompt_hidden, cache = trunk(
+        prompt_ids,
+        positions_from_mask(prompt_mask),
+        causal_mask(prompt_mask, P),
+        cache=cache,
+        dropout_rng=fold_rng(dropout_rng, 0),
+        remat=trunk.config.remat,
+    )  # [B, P, D], cache of P slots
+
+    def per_response(x):  # [B, ...] → [R, ...]: row i repeated G times
+        return x if group_size == 1 else jnp.repeat(x, group_size, axis=0)
+
+    cache = jax.tree.map(per_response, cache).grow(P + N)
+    kv_mask = jnp.concatenate(
+        [per_response(prompt_mask), response_mask.astype(jnp.int32)], axis=1
+    )  # [R, P + N]
+    hidden, _ = trunk(
+        response_ids,
+        positions_from_mask(kv_mask)[:, P:],
+        causal_mask(kv_mask, N, P),
+        cache=cache,
+        cache_index=P,
+        dropout_rng=fold_rng(dropout_rng, 1),
+        remat=trunk.config.remat,
+    )  # [R, N, D]
+    return jnp.concatenate([per_response(prompt_hidden[:, -1:]), hidden], axis=1)  # [R, N + 1, D]
 
 
 def scalar_head(config: ModelConfig, *, std: float, rngs: nnx.Rngs) -> nnx.Linear:
@@ -100,6 +158,19 @@ class CausalLM(nnx.Module):
         return self.logits_from_hidden(
             self.hidden(input_ids, attention_mask, dropout_rng=dropout_rng)
         )
+
+    def response_logits(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, *, group_size: int = 1,
+        dropout_rng=None,
+    ):  # fmt: skip
+        """Logits [R, N, V] (float32) that score each response token: logits[:, j] predict response
+        token j. The LM head runs on those N positions only; each prompt [R / G, P] is run once for
+        its ``group_size`` responses (``response_hidden``)."""
+        hidden = response_hidden(
+            self.model, prompt_ids, prompt_mask, response_ids, response_mask,
+            group_size=group_size, dropout_rng=dropout_rng,
+        )  # fmt: skip
+        return self.logits_from_hidden(hidden[:, :-1])
 
     # ------------------------------------------------------------------ used by rollout.generate
 
@@ -188,6 +259,24 @@ class RewardModel(nnx.Module):
         scores = self.token_scores(input_ids, attention_mask, dropout_rng=dropout_rng)  # [B, T]
         last = last_token_index(attention_mask)  # [B]
         return jnp.take_along_axis(scores, last[:, None], axis=-1)[:, 0]  # [B]
+
+    def score_responses(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, *, group_size: int = 1
+    ):
+        """The score of each prompt ⧺ response [R], each prompt [R / G, P] run once for its
+        ``group_size`` responses (``response_hidden``): the head at the response's last real
+        token (the last prompt token for an empty response)."""
+        hidden = response_hidden(
+            self.model,
+            prompt_ids,
+            prompt_mask,
+            response_ids,
+            response_mask,
+            group_size=group_size,
+        )  # [R, N + 1, D]
+        length = jnp.sum(response_mask > 0, axis=-1)  # [R]
+        last = jnp.take_along_axis(hidden, length[:, None, None], axis=1)[:, 0]  # [R, D]
+        return _scalar(self.score, last)
 
 
 def with_precision(

@@ -107,18 +107,24 @@ class LlamaModel(nnx.Module):
         """The [V, D] token embedding matrix (the LM head when tie_word_embeddings)."""
         return self.embed_tokens.embedding[...]
 
-    def __call__(self, input_ids, positions, mask, *, cache=None, cache_index=0, dropout_rng=None):
+    def __call__(
+        self, input_ids, positions, mask, *, cache=None, cache_index=0, dropout_rng=None, remat=None
+    ):
         """Args: input_ids, positions [B, T]; mask [B, T, S] bool (layers.causal_mask);
-        cache: a layers.KVCache or None. Returns (hidden [B, T, D], new cache or None)."""
+        cache: a layers.KVCache or None. remat: recompute each block in the backward pass (None:
+        config.remat when there is no cache, so never while decoding). Returns (hidden [B, T, D], new cache
+        or None)."""
         x = self.embed_tokens(input_ids)  # [B, T, D]
         # The inverse frequencies are a constant of the config (numpy), not a parameter.
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))  # [B, T, d] each
+        if remat is None:
+            remat = self.config.remat and cache is None
         keys, values = [], []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
             x, layer_cache = call_block(
                 block, x, cos, sin, mask, layer_cache, cache_index, fold_rng(dropout_rng, i),
-                remat=self.config.remat and cache is None,
+                remat=remat,
             )  # fmt: skip
             if cache is not None:
                 keys.append(layer_cache[0])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import chex
 import jax
@@ -223,14 +224,42 @@ def score_rollout(
     return exp, metrics
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _reward_model_scores(state, prompt_ids, prompt_mask, response_ids, response_mask, *, graphdef):
+@functools.partial(jax.jit, static_argnames=("graphdef", "group_size"))
+def _reward_model_scores(
+    state, prompt_ids, prompt_mask, response_ids, response_mask, *, graphdef, group_size=1
+):  # fmt: skip
     model = nnx.merge(graphdef, state)
-    return score_sequences(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    if group_size == 1:
+        return score_sequences(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    return model.score_responses(
+        prompt_ids[::group_size], prompt_mask[::group_size], response_ids, response_mask,
+        group_size=group_size,
+    )  # fmt: skip
 
 
-def reward_model_fn(reward_model: nnx.Module, *, mesh=None) -> Callable:
-    """``reward_fn(prompt_ids, prompt_mask, rollout) -> scores [B]`` of a RewardModel (jitted).
+@struct.dataclass
+class RewardModelFn:
+    """``reward_fn(prompt_ids, prompt_mask, rollout, *, group_size=1) -> scores [R]`` of a RewardModel.
+
+    A pytree (its parameters are the leaves), so a jitted program can take it as an argument and run
+    it inside (GRPO's one-program iteration). ``shares_prompts``: with ``group_size`` G the rows come
+    in groups of G that share a prompt, and each prompt is run once per group.
+    """
+
+    graphdef: Any = struct.field(pytree_node=False)
+    state: Any  # the RewardModel's nnx.State
+    shares_prompts: ClassVar[bool] = True
+
+    def __call__(self, prompt_ids, prompt_mask, rollout, *, group_size=1):
+        return _reward_model_scores(
+            self.state, prompt_ids, prompt_mask, rollout.tokens, rollout.mask,
+            graphdef=self.graphdef, group_size=group_size,
+        )  # fmt: skip
+
+
+def reward_model_fn(reward_model: nnx.Module, *, mesh=None) -> RewardModelFn:
+    """The reward function of a RewardModel (jitted): ``reward_fn(prompt_ids, prompt_mask, rollout)
+    -> scores [B]``.
 
     The reward model reads its score at the last real token of prompt ⧺ response (the EOS, or the
     last generated token when there is none). With a device ``mesh`` its parameters are sharded
@@ -239,10 +268,4 @@ def reward_model_fn(reward_model: nnx.Module, *, mesh=None) -> Callable:
     graphdef, state = nnx.split(reward_model)
     if mesh is not None:
         state = jax.device_put(state, param_shardings(state, mesh))
-
-    def reward_fn(prompt_ids, prompt_mask, rollout):
-        return _reward_model_scores(
-            state, prompt_ids, prompt_mask, rollout.tokens, rollout.mask, graphdef=graphdef
-        )
-
-    return reward_fn
+    return RewardModelFn(graphdef=graphdef, state=state)

@@ -30,12 +30,13 @@ from flax import nnx, struct
 from jaxrlhf import rl
 from jaxrlhf.models import CausalLM
 from jaxrlhf.models.heads import with_precision
-from jaxrlhf.rollout import Rollout, concat_prompt_response, response_slice, sample
+from jaxrlhf.rollout import Rollout, sample
 from jaxrlhf.train.checkpoint import save_checkpoint
+from jaxrlhf.train.experience import RewardModelFn
 from jaxrlhf.train.grpo_config import GRPOConfig
 from jaxrlhf.train.loop import restore_run, run_iterations
 from jaxrlhf.train.ppo import prompt_batch_indices
-from jaxrlhf.train.state import Means, TrainState, init_train_state, run_steps
+from jaxrlhf.train.state import Means, ParallelStep, TrainState, init_train_state, run_steps
 
 
 @struct.dataclass
@@ -46,7 +47,8 @@ class GroupBatch:
     prompt_mask: jax.Array  # [R, P]
     response_ids: jax.Array  # int32 [R, N]
     response_mask: jax.Array  # float32 [R, N]
-    logprobs: jax.Array  # float32 [R, N]  log π_old (recomputed by the trainer's forward)
+    logprobs: jax.Array  # float32 [R, N]  log π_old by a forward pass before the update (zeros when
+    #                      on-policy: the loss then uses its own log π_θ, without gradient)
     rollout_logprobs: jax.Array  # float32 [R, N]  log π of the sampler (TIS)
     ref_logprobs: jax.Array  # float32 [R, N]  log π_ref (zeros when β = 0)
     advantages: jax.Array  # float32 [R, N]  per token (a sequence's advantage on its tokens)
@@ -58,6 +60,10 @@ class GroupLoss:
 
     L = agg[−min(ρÂ, clip(ρ, 1−ε, 1+ε_high)Â) · w] + β · mean_m[k3(π‖π_ref)]
     ρ per token, or GSPO's per-sequence exp(mean_t log ρ); w = TIS weights (or 1).
+
+    With ``group_size`` G > 1 the minibatch holds whole groups (G consecutive rows share a prompt) and
+    each prompt is run once for its G responses. ``on_policy``: log π_old = stop_gradient(log π_θ)
+    (one step per batch: ρ = 1 in value, ∇ρ = ∇ log π_θ), instead of batch.logprobs.
     """
 
     graphdef: Any  # the actor (CausalLM)
@@ -69,24 +75,25 @@ class GroupLoss:
     with_reference: bool  # batch.ref_logprobs hold log π_ref (else zeros: no "kl" metric)
     temperature: float
     tis_cap: float | None
+    group_size: int = 1  # G: rows i·G … i·G + G − 1 of every minibatch answer one prompt (else 1)
+    on_policy: bool = False
 
     @property
     def weights(self) -> tuple[tuple[str, float], ...]:
         return (("loss/policy", 1.0),) + ((("kl", self.kl_coef),) if self.with_reference else ())
 
     def __call__(self, params, batch: GroupBatch) -> Means:
-        P, N = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-        mask = batch.response_mask
-        ids, attention_mask = concat_prompt_response(
-            batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask
-        )
-        logits = response_slice(nnx.merge(self.graphdef, params)(ids, attention_mask), P, N)
+        G, mask = self.group_size, batch.response_mask
+        logits = nnx.merge(self.graphdef, params).response_logits(
+            batch.prompt_ids[::G], batch.prompt_mask[::G], batch.response_ids, mask, group_size=G
+        )  # [b, N, V]
         logprobs = rl.token_logprobs(logits, batch.response_ids, temperature=self.temperature)
+        old = jax.lax.stop_gradient(logprobs) if self.on_policy else batch.logprobs  # [b, N]
         weights = None
         if self.tis_cap is not None:
-            weights = rl.tis_weights(batch.logprobs, batch.rollout_logprobs, mask, cap=self.tis_cap)
+            weights = rl.tis_weights(old, batch.rollout_logprobs, mask, cap=self.tis_cap)
         policy, clipped = rl.clipped_surrogate(
-            logprobs, batch.logprobs, batch.advantages, mask, clip_eps=self.clip_eps,
+            logprobs, old, batch.advantages, mask, clip_eps=self.clip_eps,
             clip_eps_high=self.clip_eps_high, importance_level=self.importance_level,
             weights=weights,
         )  # fmt: skip
@@ -97,6 +104,11 @@ class GroupLoss:
             "entropy": (jax.lax.stop_gradient(rl.masked_sum(entropy, mask)), tokens),
             "clip_ratio/region_mean": (rl.masked_sum(clipped, mask), tokens),
         }
+        if (
+            self.on_policy
+        ):  # the sampler-vs-trainer gap, measured here rather than before the update
+            gap = jnp.abs(jnp.where(mask > 0, old - batch.rollout_logprobs, 0.0))
+            terms["tis/mean_abs_logprob_diff"] = (rl.masked_sum(gap, mask), tokens)
         if self.with_reference:  # k3(π‖π_ref): GRPO's loss term, or (kl_in="reward") a metric
             terms["kl"] = (
                 rl.masked_sum(rl.kl_loss(logprobs, batch.ref_logprobs, mask), mask),
@@ -106,12 +118,6 @@ class GroupLoss:
 
 
 # ============================================================================ pure pieces
-
-
-def repeat_groups(x, group_size: int):
-    """Each row repeated ``group_size`` times, consecutively: [B, ...] → [B·G, ...] (on the host:
-    NumPy in, NumPy out; no device dispatch per iteration)."""
-    return np.repeat(np.asarray(x), group_size, axis=0)
 
 
 def zero_std_groups(scores, group_size: int):
@@ -132,25 +138,27 @@ def sequence_advantages(scores, mask, *, advantage: str, group_size: int):
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "reference_graphdef", "advantage", "group_size", "temperature",
-                     "kl_coef", "kl_in"),
+                     "kl_coef", "kl_in", "on_policy"),
 )  # fmt: skip
 def make_group_batch(
     params, reference_state, prompt_ids, prompt_mask, rollout: Rollout, scores, *,
-    graphdef, reference_graphdef, advantage, group_size, temperature, kl_coef, kl_in,
+    graphdef, reference_graphdef, advantage, group_size, temperature, kl_coef, kl_in, on_policy,
 ):  # fmt: skip
-    """log π_old and log π_ref of the responses, then the advantages → (GroupBatch, metrics)."""
-    P, N = prompt_ids.shape[1], rollout.tokens.shape[1]
+    """log π_old (unless ``on_policy``: the loss takes it) and log π_ref of the responses, then the
+    advantages → (GroupBatch, metrics). Rows in group order; each prompt is run once per group."""
     mask = rollout.mask
-    ids, attention_mask = concat_prompt_response(prompt_ids, prompt_mask, rollout.tokens, mask)
 
     def logprobs_of(model):
-        logits = response_slice(model(ids, attention_mask), P, N)
+        logits = model.response_logits(
+            prompt_ids[::group_size], prompt_mask[::group_size], rollout.tokens, mask,
+            group_size=group_size,
+        )  # fmt: skip
         return jnp.where(
             mask > 0, rl.token_logprobs(logits, rollout.tokens, temperature=temperature), 0.0
         )
 
-    logprobs = logprobs_of(nnx.merge(graphdef, params))
-    ref_logprobs = jnp.zeros_like(logprobs)
+    logprobs = jnp.zeros_like(mask) if on_policy else logprobs_of(nnx.merge(graphdef, params))
+    ref_logprobs = jnp.zeros_like(mask)
     if kl_coef > 0:
         ref_logprobs = logprobs_of(nnx.merge(reference_graphdef, reference_state))
     if advantage == "reinforce_pp":
@@ -169,27 +177,95 @@ def make_group_batch(
         ref_logprobs=ref_logprobs, advantages=advantages,
     )  # fmt: skip
     groups = scores.reshape(-1, group_size)
-    mismatch = rl.logprob_mismatch(logprobs, rollout.logprobs, mask)
     metrics = {
         "reward": jnp.mean(scores),
         "reward_std": jnp.mean(jnp.std(groups, axis=-1, ddof=1)),
         "frac_reward_zero_std": jnp.mean(zero_std_groups(scores, group_size).astype(jnp.float32)),
         "completions/mean_length": jnp.mean(jnp.sum(mask, axis=-1)),
-        "tis/mean_abs_logprob_diff": mismatch["mean_abs_diff"],
-        "tis/max_ratio": mismatch["max_ratio"],
     }
+    if not on_policy:  # (on-policy, the loss reports the mean gap from its own forward pass)
+        mismatch = rl.logprob_mismatch(logprobs, rollout.logprobs, mask)
+        metrics["tis/mean_abs_logprob_diff"] = mismatch["mean_abs_diff"]
+        metrics["tis/max_ratio"] = mismatch["max_ratio"]
     return batch, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("epochs", "rollouts", "minibatch"))
-def minibatch_indices(rng, *, epochs: int, rollouts: int, minibatch: int):
-    """[epochs · M, minibatch] row indices: each epoch a fresh permutation, cut into minibatches."""
+@functools.partial(jax.jit, static_argnames=("epochs", "rollouts", "minibatch", "group_size"))
+def minibatch_indices(rng, *, epochs: int, rollouts: int, minibatch: int, group_size: int = 1):
+    """[epochs · M, minibatch] row indices: each epoch a fresh permutation of the groups of
+    ``group_size`` consecutive rows (1: of the rows), cut into minibatches."""
     keys = jax.random.split(rng, epochs)
-    perms = jax.vmap(lambda k: jax.random.permutation(k, rollouts))(keys)  # [E, R]
-    return perms.reshape(-1, minibatch)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, rollouts // group_size))(keys)  # [E, R/G]
+    rows = perms[..., None] * group_size + jnp.arange(group_size)  # [E, R/G, G]
+    return rows.reshape(-1, minibatch)
+
+
+# ============================================================================ one iteration
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The fixed parts of an iteration (hashable: a static argument of ``jax.jit``)."""
+
+    config: GRPOConfig
+    graphdef: Any  # the actor
+    reference_graphdef: Any
+    stepper: ParallelStep
+    eos_token_id: int | None
+    pad_token_id: int
+
+
+def draw_groups(recipe: Recipe, params, prompt_ids, prompt_mask, rng, reward_fn):
+    """Steps 1–2: G responses to each of the B prompts [B, P], each prompt prefilled once, and their
+    scores → (prompt_ids, prompt_mask [R, P] in group order, rollout [R, N], scores [R])."""
+    c = recipe.config
+    rollout = sample(nnx.merge(recipe.graphdef, params), prompt_ids, prompt_mask, c.sampling, rng,
+                     eos_token_id=recipe.eos_token_id, pad_token_id=recipe.pad_token_id,
+                     group_size=c.group_size)  # fmt: skip
+    prompt_ids, prompt_mask = (
+        jnp.repeat(x, c.group_size, axis=0) for x in (prompt_ids, prompt_mask)
+    )
+    scores = score_groups(reward_fn, prompt_ids, prompt_mask, rollout, c.group_size)
+    return prompt_ids, prompt_mask, rollout, scores
+
+
+def update(recipe: Recipe, train: TrainState, reference_state, groups, rng):
+    """Steps 3–4: the advantages (and log π_old, log π_ref), then epochs × minibatches train steps
+    on that fixed batch → (train state, metrics)."""
+    c = recipe.config
+    batch, metrics = make_group_batch(
+        train.params, reference_state, *groups, graphdef=recipe.graphdef,
+        reference_graphdef=recipe.reference_graphdef, advantage=c.advantage,
+        group_size=c.group_size, temperature=c.temperature, kl_coef=c.kl_coef, kl_in=c.kl_in,
+        on_policy=c.on_policy,
+    )  # fmt: skip
+    indices = minibatch_indices(rng, epochs=c.epochs, rollouts=c.rollouts,
+                                minibatch=c.rollouts // c.num_minibatches,
+                                group_size=c.group_size if c.minibatch_groups else 1)  # fmt: skip
+    train, train_metrics = run_steps(recipe.stepper, train, batch, indices)
+    return train, {**metrics, **train_metrics}
+
+
+@functools.partial(jax.jit, static_argnames="recipe", donate_argnames="train")
+def iterate(recipe: Recipe, train: TrainState, reference_state, reward_fn, prompt_ids, prompt_mask,
+            sample_rng, shuffle_rng):  # fmt: skip
+    """Steps 1–4 as one XLA program (a reward model as reward_fn): one dispatch per iteration."""
+    groups = draw_groups(recipe, train.params, prompt_ids, prompt_mask, sample_rng, reward_fn)
+    return update(recipe, train, reference_state, groups, shuffle_rng)
 
 
 # ============================================================================ reward functions
+
+
+def score_groups(reward_fn, prompt_ids, prompt_mask, rollout: Rollout, group_size: int):
+    """reward_fn's scores [R] (float32) of responses in groups of ``group_size`` rows that share a
+    prompt; a reward function with ``shares_prompts = True`` (``reward_model_fn``) is told the group
+    size, so it may run each prompt once."""
+    if getattr(reward_fn, "shares_prompts", False):
+        scores = reward_fn(prompt_ids, prompt_mask, rollout, group_size=group_size)
+    else:
+        scores = reward_fn(prompt_ids, prompt_mask, rollout)
+    return jnp.asarray(scores, jnp.float32)
 
 
 def text_reward_fn(functions, tokenizer, *, weights=None) -> Callable:
@@ -262,8 +338,18 @@ class GRPOTrainer:
             kl_coef=config.kl_coef if config.kl_in == "loss" else 0.0,
             with_reference=config.kl_coef > 0,
             temperature=config.temperature, tis_cap=config.tis_cap,
+            group_size=config.group_size if config.minibatch_groups else 1,
+            on_policy=config.on_policy,
         )  # fmt: skip
         self.stepper = config.train_step(self.loss, config.optimizer, params)
+        self.recipe = Recipe(config, self.graphdef, self.reference_graphdef, self.stepper,
+                             eos_token_id, pad_token_id)  # fmt: skip
+        # One program per iteration when every step can be traced: a reward model (not Python
+        # rules), no refilling loop (dynamic sampling), a train step that runs inside jit (not pmap).
+        self.one_program = (
+            isinstance(reward_fn, RewardModelFn) and not config.dynamic_sampling
+            and self.stepper.in_jit
+        )  # fmt: skip
         self.state = GRPOState(
             train=init_train_state(params, config.optimizer),
             rng=jax.random.PRNGKey(config.seed),
@@ -284,41 +370,38 @@ class GRPOTrainer:
     def iteration(self, state: GRPOState) -> tuple[GRPOState, dict[str, float]]:
         c, start = self.config, time.perf_counter()
         rng, shuffle_rng, *sample_rngs = jax.random.split(state.rng, 2 + 4)
-        params = state.train.params
-        actor = nnx.merge(self.graphdef, params)
-        # 1–2. sample G responses per prompt and score them (DAPO: refill groups without signal)
-        groups, dropped = self._sample_groups(actor, int(state.iteration), sample_rngs)
-        prompt_ids, prompt_mask, rollout, scores = groups
-        # 3. the group is the baseline: advantages (and log π_old, log π_ref)
-        batch, metrics = make_group_batch(
-            params, self.reference_state, prompt_ids, prompt_mask, rollout, scores,
-            graphdef=self.graphdef, reference_graphdef=self.reference_graphdef,
-            advantage=c.advantage, group_size=c.group_size, temperature=c.temperature,
-            kl_coef=c.kl_coef, kl_in=c.kl_in,
-        )  # fmt: skip
-        # 4. epochs × minibatches train steps on that fixed batch
-        indices = minibatch_indices(shuffle_rng, epochs=c.epochs, rollouts=c.rollouts,
-                                    minibatch=c.rollouts // c.num_minibatches)  # fmt: skip
-        train, train_metrics = run_steps(self.stepper, state.train, batch, indices)
+        iteration = int(state.iteration)
+        idx = prompt_batch_indices(len(self.prompt_ids), c.batch_size, iteration, c.seed)
+        prompt_ids, prompt_mask = self.prompt_ids[idx], self.prompt_mask[idx]  # [B, P]
+        if self.one_program:  # 1–4 in one jitted program
+            train, metrics = iterate(self.recipe, state.train, self.reference_state, self.reward_fn,
+                                     prompt_ids, prompt_mask, sample_rngs[0], shuffle_rng)  # fmt: skip
+            dropped = 0
+        else:
+            # 1–2. sample G responses per prompt and score them (DAPO: refill groups without signal)
+            groups, dropped = self._sample_groups(state.train.params, idx, iteration, sample_rngs)
+            # 3–4. the group is the baseline: advantages; then epochs × minibatches train steps
+            train, metrics = update(self.recipe, state.train, self.reference_state, groups,
+                                    shuffle_rng)  # fmt: skip
         new_state = GRPOState(train=train, rng=rng, iteration=state.iteration + 1)
-        metrics = {k: float(v) for k, v in jax.device_get({**metrics, **train_metrics}).items()}
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         metrics["groups_resampled"] = float(dropped)
         metrics["time/iteration_s"] = time.perf_counter() - start
         return new_state, metrics
 
-    def _sample_groups(self, actor, iteration: int, rngs):
+    def _sample_groups(self, params, idx, iteration: int, rngs):
         """G samples of each of this iteration's prompts, scored; with dynamic sampling, groups
         whose rewards are all equal are replaced by groups of fresh prompts (up to 3 more draws).
         Returns ((prompt_ids, prompt_mask, rollout, scores) [B·G, …], number of groups replaced)."""
         c = self.config
-        idx = prompt_batch_indices(len(self.prompt_ids), c.batch_size, iteration, c.seed)
         kept, replaced = None, 0
         for attempt, rng in enumerate(rngs):
             if attempt:  # the next prompts in a fixed, seeded order
                 idx = np.random.default_rng([c.seed, iteration, attempt]).choice(
                     len(self.prompt_ids), c.batch_size, replace=False
                 )
-            groups = self._draw(actor, idx, rng)
+            groups = draw_groups(self.recipe, params, self.prompt_ids[idx], self.prompt_mask[idx],
+                                 rng, self.reward_fn)  # fmt: skip
             if not c.dynamic_sampling:
                 return groups, 0
             kept, filled = _merge_groups(kept, groups, c.group_size)
@@ -326,15 +409,6 @@ class GRPOTrainer:
             if not bool(jnp.any(zero_std_groups(kept[3], c.group_size))):
                 break
         return kept, replaced
-
-    def _draw(self, actor, idx, rng):
-        c = self.config
-        prompt_ids = repeat_groups(self.prompt_ids[idx], c.group_size)  # [B·G, P]
-        prompt_mask = repeat_groups(self.prompt_mask[idx], c.group_size)
-        rollout = sample(actor, prompt_ids, prompt_mask, c.sampling, rng,
-                         eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)  # fmt: skip
-        scores = jnp.asarray(self.reward_fn(prompt_ids, prompt_mask, rollout), jnp.float32)
-        return prompt_ids, prompt_mask, rollout, scores
 
     # -- the loop ----------------------------------------------------------------------------------
 

@@ -99,6 +99,21 @@ class GRPOConfig(LoopConfig):
         return self.batch_size * self.group_size
 
     @property
+    def minibatch_groups(self) -> bool:
+        """True when num_minibatches divides batch_size: each minibatch is then drawn as whole
+        groups (G consecutive rows), so each prompt is run once for its G responses in the loss
+        (``models.heads.response_hidden``); otherwise rows are drawn one by one."""
+        return self.batch_size % self.num_minibatches == 0
+
+    @property
+    def on_policy(self) -> bool:
+        """One optimiser step per batch (epochs = num_minibatches = 1) and no KL in the reward: at
+        that step π_old = π_θ, so the loss takes log π_old from its own forward pass (no gradient)
+        instead of a separate forward pass before the update (as trl does for num_iterations = 1)."""
+        needs_old = self.kl_coef > 0 and self.kl_in == "reward"  # the KL penalty shapes the rewards
+        return self.epochs == 1 and self.num_minibatches == 1 and not needs_old
+
+    @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
 
