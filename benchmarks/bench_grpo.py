@@ -10,8 +10,11 @@ reference pass, trl's default). float32, dropout off, temperature 1, same shapes
 
 As in bench_ppo.py, trl runs in a fresh subprocess (torch is slower in a process where JAX ran), and
 the first update of each side (compilation / warm-up) is reported separately from the median of the
-next ``--updates``. The machine's speed drifts by tens of percent over minutes, so our side is timed
-just before and just after trl's and the two medians are averaged.
+next ``--updates``. This machine's speed drifts by tens of percent over minutes, so the two sides
+alternate for ``--rounds`` rounds (ours, trl, ours, trl, …) and each reports the median of its
+rounds' medians. "Our GFLOP/s" is matmul_flops (the work our update does) over our time, against
+the float32 matmul peak measured in the same run; "trl / (our FLOPs at peak)" is the largest ratio an
+update doing that work could reach on this machine.
 """
 
 from __future__ import annotations
@@ -25,14 +28,41 @@ import tempfile
 import time
 import warnings
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ppo import EOS, PAD, POSITIONS, SIZES, VOCAB, offline_tokenizer, trl_clock
+from bench_ppo import (
+    EOS,
+    PAD,
+    POSITIONS,
+    SIZES,
+    VOCAB,
+    matmul_params,
+    measure_matmul_peak,
+    offline_tokenizer,
+    trl_clock,
+)
 
 PROMPTS, GROUP, PROMPT_LEN, RESPONSE_LEN = 8, 4, 16, 16
 
 
+def matmul_flops(hidden: int, layers: int) -> float:
+    """Analytic matmul FLOPs of one of our updates (attention's T² terms left out), with each prompt
+    run once per group (B prompts of P tokens, R = B·G responses of N tokens):
+
+    sampling 2·p_lm·(B·P + R·(N − 1)) (prefill, then N − 1 decode steps); reward model
+    2·p_trunk·(B·P + R·N); train step 6·(p_trunk·(B·P + R·N) + V·D·R·N) (LM head on the responses).
+    """
+    p_lm = matmul_params(hidden, layers, VOCAB, lm_head=True)
+    p_trunk = matmul_params(hidden, layers, VOCAB, lm_head=False)
+    prompts, responses = PROMPTS * PROMPT_LEN, PROMPTS * GROUP * RESPONSE_LEN
+    sampling = 2 * p_lm * (prompts + PROMPTS * GROUP * (RESPONSE_LEN - 1))
+    reward = 2 * p_trunk * (prompts + responses)
+    train = 6 * (p_trunk * (prompts + responses) + VOCAB * hidden * responses)
+    return sampling + reward + train
+
+
 def prompt_token_ids(updates: int):
-    import numpy as np
 
     rng = np.random.default_rng(0)
     return rng.integers(2, VOCAB, size=(PROMPTS * (updates + 1), PROMPT_LEN)).astype(np.int32)
@@ -40,7 +70,6 @@ def prompt_token_ids(updates: int):
 
 def bench_jaxrlhf(name: str, updates: int) -> dict:
     import jax
-    import numpy as np
     from flax import nnx
 
     from jaxrlhf.models import CausalLM, ModelConfig, RewardModel, num_params
@@ -68,7 +97,6 @@ def bench_jaxrlhf(name: str, updates: int) -> dict:
 
 
 def bench_trl(name: str, updates: int) -> dict:
-    import numpy as np
     import torch
     from datasets import Dataset
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
@@ -99,6 +127,15 @@ def bench_trl(name: str, updates: int) -> dict:
     return {"first_s": float(times[0]), "update_s": float(np.median(times[1:]))}
 
 
+def summarize(rounds: list) -> dict | None:
+    """One side's rounds → the first round's result with update_s = the median over rounds (each
+    round's own in update_s_rounds)."""
+    if rounds[0] is None:
+        return None
+    per_round = [r["update_s"] for r in rounds]
+    return {**rounds[0], "update_s": float(np.median(per_round)), "update_s_rounds": per_round}
+
+
 def run_trl_subprocess(name: str, updates: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "trl.json")
@@ -113,6 +150,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: 174k,3.5M,26M")
     parser.add_argument("--updates", type=int, default=10, help="timed updates after the first")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
     parser.add_argument("--skip-trl", action="store_true", help="time jaxrlhf only")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--trl-only", default=None, help=argparse.SUPPRESS)  # the subprocess
@@ -122,24 +160,29 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(bench_trl(args.trl_only, args.updates), f)
         return 0
-    rows = {}
-    print(
-        "| model (params) | jaxrlhf s/update | trl s/update | trl / jaxrlhf | first update: ours / trl |"
-    )
-    print("|---|---:|---:|---:|---|")
+    peak = measure_matmul_peak()
+    print(f"measured float32 matmul peak (1024³ jnp.matmul): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    rows = {"peak_flops": peak}
+    print("| model (params) | jaxrlhf s/update | trl s/update | trl / jaxrlhf | our GFLOP/s "
+          "(% of peak) | trl / (our FLOPs at peak) | first update: ours / trl |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---|")
     for name in args.sizes.split(","):
-        ours = bench_jaxrlhf(name, args.updates)
-        theirs = None if args.skip_trl else run_trl_subprocess(name, args.updates)
-        if theirs:  # again after trl, against drift: the mean of the two medians
-            again = bench_jaxrlhf(name, args.updates)["update_s"]
-            ours["update_s_runs"] = [ours["update_s"], again]
-            ours["update_s"] = (ours["update_s"] + again) / 2
-        rows[name] = {"jaxrlhf": ours, "trl": theirs}
+        rounds = [(bench_jaxrlhf(name, args.updates),
+                   None if args.skip_trl else run_trl_subprocess(name, args.updates))
+                   for _ in range(args.rounds)]  # fmt: skip
+        ours, theirs = summarize([r[0] for r in rounds]), summarize([r[1] for r in rounds])
+        flops = matmul_flops(*SIZES[name][:2])
+        ours["flops_per_s"] = flops / ours["update_s"]
+        rows[name] = {"jaxrlhf": ours, "trl": theirs, "matmul_flops": flops}
         ratio = f"{theirs['update_s'] / ours['update_s']:.1f}×" if theirs else "–"
         trl_s = f"{theirs['update_s']:.3f}" if theirs else "–"
+        bound = (
+            f"{theirs['update_s'] / (flops / peak):.1f}×" if theirs else "–"
+        )  # the most possible
         first = f"{ours['first_s']:.1f} s / " + (f"{theirs['first_s']:.1f} s" if theirs else "–")
         print(f"| {name} ({ours['params'] / 1e6:.2f}M) | {ours['update_s']:.3f} | {trl_s} | "
-              f"{ratio} | {first} |", flush=True)  # fmt: skip
+              f"{ratio} | {ours['flops_per_s'] / 1e9:.1f} ({100 * ours['flops_per_s'] / peak:.0f}%) | "
+              f"{bound} | {first} |", flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

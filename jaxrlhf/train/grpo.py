@@ -214,6 +214,13 @@ class Recipe:
     eos_token_id: int | None
     pad_token_id: int
 
+    def __hash__(self) -> int:  # jax.jit hashes its static arguments on every call: hash once
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
 
 def draw_groups(recipe: Recipe, params, prompt_ids, prompt_mask, rng, reward_fn):
     """Steps 1–2: G responses to each of the B prompts [B, P], each prompt prefilled once, and their
@@ -246,12 +253,32 @@ def update(recipe: Recipe, train: TrainState, reference_state, groups, rng):
     return train, {**metrics, **train_metrics}
 
 
-@functools.partial(jax.jit, static_argnames="recipe", donate_argnames="train")
-def iterate(recipe: Recipe, train: TrainState, reference_state, reward_fn, prompt_ids, prompt_mask,
-            sample_rng, shuffle_rng):  # fmt: skip
-    """Steps 1–4 as one XLA program (a reward model as reward_fn): one dispatch per iteration."""
-    groups = draw_groups(recipe, train.params, prompt_ids, prompt_mask, sample_rng, reward_fn)
-    return update(recipe, train, reference_state, groups, shuffle_rng)
+@jax.jit
+def iteration_keys(rng):
+    """An iteration's keys from the state's: (next state key, shuffle key, (4 sampling keys: the
+    first draw and up to 3 refills)), split in one dispatch."""
+    rng, shuffle, *draws = jax.random.split(rng, 6)
+    return rng, shuffle, tuple(draws)
+
+
+@struct.dataclass
+class GRPOState:
+    """What a GRPO run changes (a pytree; what a checkpoint stores)."""
+
+    train: TrainState
+    rng: jax.Array  # uint32 [2]
+    iteration: jax.Array  # int32 []
+
+
+@functools.partial(jax.jit, static_argnames="recipe", donate_argnames="state")
+def iterate(recipe: Recipe, state: GRPOState, reference_state, reward_fn, prompt_ids, prompt_mask):
+    """Steps 1–4 as one XLA program (a reward model as reward_fn): one dispatch per iteration.
+    Returns (the next GRPOState, metrics)."""
+    rng, shuffle_rng, draw_rngs = iteration_keys(state.rng)
+    params = state.train.params
+    groups = draw_groups(recipe, params, prompt_ids, prompt_mask, draw_rngs[0], reward_fn)
+    train, metrics = update(recipe, state.train, reference_state, groups, shuffle_rng)
+    return GRPOState(train=train, rng=rng, iteration=state.iteration + 1), metrics
 
 
 # ============================================================================ reward functions
@@ -300,15 +327,6 @@ def text_reward_fn(functions, tokenizer, *, weights=None) -> Callable:
 
 
 # ============================================================================ the trainer
-
-
-@struct.dataclass
-class GRPOState:
-    """What a GRPO run changes (a pytree; what a checkpoint stores)."""
-
-    train: TrainState
-    rng: jax.Array  # uint32 [2]
-    iteration: jax.Array  # int32 []
 
 
 class GRPOTrainer:
@@ -369,21 +387,23 @@ class GRPOTrainer:
 
     def iteration(self, state: GRPOState) -> tuple[GRPOState, dict[str, float]]:
         c, start = self.config, time.perf_counter()
-        rng, shuffle_rng, *sample_rngs = jax.random.split(state.rng, 2 + 4)
         iteration = int(state.iteration)
         idx = prompt_batch_indices(len(self.prompt_ids), c.batch_size, iteration, c.seed)
         prompt_ids, prompt_mask = self.prompt_ids[idx], self.prompt_mask[idx]  # [B, P]
         if self.one_program:  # 1–4 in one jitted program
-            train, metrics = iterate(self.recipe, state.train, self.reference_state, self.reward_fn,
-                                     prompt_ids, prompt_mask, sample_rngs[0], shuffle_rng)  # fmt: skip
+            new_state, metrics = iterate(self.recipe, state, self.reference_state, self.reward_fn,
+                                         prompt_ids, prompt_mask)  # fmt: skip
             dropped = 0
         else:
+            rng, shuffle_rng, draw_rngs = iteration_keys(state.rng)
             # 1–2. sample G responses per prompt and score them (DAPO: refill groups without signal)
-            groups, dropped = self._sample_groups(state.train.params, idx, iteration, sample_rngs)
+            groups, dropped = self._sample_groups(state.train.params, idx, iteration, draw_rngs)
             # 3–4. the group is the baseline: advantages; then epochs × minibatches train steps
             train, metrics = update(self.recipe, state.train, self.reference_state, groups,
                                     shuffle_rng)  # fmt: skip
-        new_state = GRPOState(train=train, rng=rng, iteration=state.iteration + 1)
+            new_state = GRPOState(
+                train=train, rng=rng, iteration=jnp.asarray(iteration + 1, jnp.int32)
+            )
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         metrics["groups_resampled"] = float(dropped)
         metrics["time/iteration_s"] = time.perf_counter() - start

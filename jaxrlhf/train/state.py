@@ -126,8 +126,9 @@ def train_step(
       (new state, metrics: every term's global mean, plus "loss", "grad_norm" and
       ``nonfinite_skipped``).
 
-    **Non-finite values.** When the loss or any gradient element is NaN/±inf (checked after the
-    cross-device sum, so every device agrees) the update is skipped: params and opt_state come back
+    **Non-finite values.** When the loss or the gradient norm ‖g‖ is NaN/±inf (some gradient
+    element is NaN or ±inf, or ‖g‖² overflows float32; one check on ‖g‖ rather than one per
+    parameter), checked after the cross-device sum so that every device agrees, the update is skipped: params and opt_state come back
     unchanged (Adam's moments and the schedule count too), ``step`` still advances (it counts the
     batches consumed, so which batch comes next stays a function of ``step``) and
     ``nonfinite_skipped`` is 1 (else 0). With finite values the update is exactly the plain one.
@@ -144,7 +145,8 @@ def train_step(
     (value, means), grads = jax.value_and_grad(objective, has_aux=True)(params)
     value, means, grads = _psum((value, means, grads), axis_name)
     updates, opt_state = optimizer.build().update(grads, state.opt_state, state.params)
-    finite = all_finite((value, grads))  # after the psum: every device decides alike
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)  # after the psum: devices agree
     new_state = TrainState(
         params=keep_if(finite, optax.apply_updates(state.params, updates), state.params),
         opt_state=keep_if(finite, opt_state, state.opt_state),
@@ -153,16 +155,10 @@ def train_step(
     metrics = {
         **means,
         "loss": value,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         SKIPPED: 1.0 - finite.astype(jnp.float32),
     }
     return new_state, metrics
-
-
-def all_finite(tree: Any) -> jax.Array:
-    """bool [] — True when every element of every (floating) leaf of ``tree`` is finite."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
