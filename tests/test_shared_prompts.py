@@ -92,6 +92,10 @@ def test_response_logits_of_shared_prompts_equal_the_full_pass(family):
     # G = 1: the same function with one response per prompt row
     alone = lm.response_logits(*per_row, responses, response_mask)
     np.testing.assert_allclose(jnp.where(valid, alone, 0), jnp.where(valid, want, 0), atol=2e-5)
+    # one-token responses: only the prompt's last position is run past the prompt
+    first = lm.response_logits(prompt_ids, prompt_mask, responses[:, :1], response_mask[:, :1],
+                               group_size=G)  # fmt: skip
+    np.testing.assert_allclose(first, want[:, :1], atol=2e-5)
 
     graphdef, params = nnx.split(lm)
 

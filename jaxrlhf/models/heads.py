@@ -53,7 +53,8 @@ def response_hidden(
 ):  # fmt: skip
     """The hidden states that score responses: the last prompt position, then the N response
     positions → [R, N + 1, D]. h[:, j] (j < N) predicts response token j; h[:, n] is the last real
-    token of a response with n tokens (responses end in padding).
+    token of a response with n tokens (responses end in padding). (Scoring the tokens of a response
+    needs h[:, :N] only: pass its first N − 1 tokens, as ``CausalLM.response_logits`` does.)
 
     Each prompt is run once for its ``group_size`` responses: prompt_ids, prompt_mask [R / G, P]
     (left-padded), response_ids, response_mask [R, N] with the G responses of prompt i in rows
@@ -164,13 +165,14 @@ class CausalLM(nnx.Module):
         dropout_rng=None,
     ):  # fmt: skip
         """Logits [R, N, V] (float32) that score each response token: logits[:, j] predict response
-        token j. The LM head runs on those N positions only; each prompt [R / G, P] is run once for
-        its ``group_size`` responses (``response_hidden``)."""
+        token j. Only what they need is run: the last prompt position and the first N − 1 response
+        tokens (the last token predicts nothing here), the LM head on those N positions, and each
+        prompt [R / G, P] once for its ``group_size`` responses (``response_hidden``)."""
         hidden = response_hidden(
-            self.model, prompt_ids, prompt_mask, response_ids, response_mask,
+            self.model, prompt_ids, prompt_mask, response_ids[:, :-1], response_mask[:, :-1],
             group_size=group_size, dropout_rng=dropout_rng,
         )  # fmt: skip
-        return self.logits_from_hidden(hidden[:, :-1])
+        return self.logits_from_hidden(hidden)  # [R, N, V] from hidden [R, N, D]
 
     # ------------------------------------------------------------------ used by rollout.generate
 
