@@ -9,8 +9,8 @@ reference pass, trl's default). float32, dropout off, temperature 1, same shapes
     .venv/bin/python benchmarks/bench_grpo.py --sizes 174k --skip-trl
 
 As in bench_ppo.py, trl runs in a fresh subprocess (torch is slower in a process where JAX ran), and
-the first update of each side (compilation / warm-up) is reported separately from the median of the
-next ``--updates``. This machine's speed drifts by tens of percent over minutes, so the two sides
+the first update of each side (compilation / warm-up) is reported separately; it and the next two
+are not timed, and each side reports the median of the next ``--updates``. This machine's speed drifts by tens of percent over minutes, so the two sides
 alternate for ``--rounds`` rounds (ours, trl, ours, trl, …) and each reports the median of its
 rounds' medians. "Our GFLOP/s" is matmul_flops (the work our update does) over our time, against
 the float32 matmul peak measured in the same run; "trl / (our FLOPs at peak)" is the largest ratio an
@@ -44,6 +44,7 @@ from bench_ppo import (
 )
 
 PROMPTS, GROUP, PROMPT_LEN, RESPONSE_LEN = 8, 4, 16, 16
+WARMUP = 3  # untimed updates on both sides: the first (compilation), then two to settle
 
 
 def matmul_flops(hidden: int, layers: int) -> float:
@@ -65,7 +66,7 @@ def matmul_flops(hidden: int, layers: int) -> float:
 def prompt_token_ids(updates: int):
 
     rng = np.random.default_rng(0)
-    return rng.integers(2, VOCAB, size=(PROMPTS * (updates + 1), PROMPT_LEN)).astype(np.int32)
+    return rng.integers(2, VOCAB, size=(PROMPTS * (updates + WARMUP), PROMPT_LEN)).astype(np.int32)
 
 
 def bench_jaxrlhf(name: str, updates: int) -> dict:
@@ -82,18 +83,22 @@ def bench_jaxrlhf(name: str, updates: int) -> dict:
                          num_heads=heads, max_position_embeddings=POSITIONS)  # fmt: skip
     sft = CausalLM(config, rngs=nnx.Rngs(0))
     reward_fn = reward_model_fn(RewardModel(config, rngs=nnx.Rngs(2)))
-    grpo = GRPOConfig(num_iterations=updates + 1, batch_size=PROMPTS, group_size=GROUP,
+    grpo = GRPOConfig(num_iterations=updates + WARMUP, batch_size=PROMPTS, group_size=GROUP,
                       max_new_tokens=RESPONSE_LEN, learning_rate=1e-6, kl_coef=0.0)  # fmt: skip
     prompts = prompt_token_ids(updates)
     trainer = GRPOTrainer.from_sft(grpo, sft, prompts, np.ones_like(prompts), reward_fn=reward_fn,
                                    eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
     times = []
-    for _ in range(updates + 1):
+    for _ in range(updates + WARMUP):
         start = time.perf_counter()
         trainer.step()
         jax.block_until_ready(trainer.state)
         times.append(time.perf_counter() - start)
-    return {"params": num_params(sft), "first_s": times[0], "update_s": float(np.median(times[1:]))}
+    return {
+        "params": num_params(sft),
+        "first_s": times[0],
+        "update_s": float(np.median(times[WARMUP:])),
+    }
 
 
 def bench_trl(name: str, updates: int) -> dict:
@@ -114,7 +119,7 @@ def bench_trl(name: str, updates: int) -> dict:
         args = GRPOConfig(
             output_dir=tmp, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
             max_completion_length=RESPONSE_LEN, temperature=1.0, beta=0.0, num_iterations=1,
-            learning_rate=1e-6, max_steps=updates + 1, use_cpu=True, bf16=False, fp16=False,
+            learning_rate=1e-6, max_steps=updates + WARMUP, use_cpu=True, bf16=False, fp16=False,
             report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=0,
         )  # fmt: skip
         trainer = GRPOTrainer(
@@ -124,7 +129,7 @@ def bench_trl(name: str, updates: int) -> dict:
         )  # fmt: skip
         trainer.train()
     times = np.diff(clock.marks)
-    return {"first_s": float(times[0]), "update_s": float(np.median(times[1:]))}
+    return {"first_s": float(times[0]), "update_s": float(np.median(times[WARMUP:]))}
 
 
 def summarize(rounds: list) -> dict | None:
