@@ -4,6 +4,8 @@ computation it replaces."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -242,3 +244,19 @@ def test_one_program_iteration_on_a_mesh_equals_one_device():
         jax.tree.leaves(mesh.state.train.params), jax.tree.leaves(one.state.train.params)
     ):
         np.testing.assert_allclose(a, b, atol=2e-4)
+
+
+def test_one_program_run_resumes_from_its_checkpoint_like_an_uninterrupted_run(tmp_path):
+    rm_fn = reward_model_fn(RewardModel(tu.tiny_config(), rngs=nnx.Rngs(9)))
+    straight, straight_history = grpo_run(rm_fn, num_iterations=3)
+    first, _ = grpo_run(rm_fn, num_iterations=2, checkpoint_dir=str(tmp_path))
+    ids, mask = tu.tiny_prompts(num=8, length=4, seed=3)
+    config = dataclasses.replace(first.config, num_iterations=3)
+    resumed = GRPOTrainer.from_sft(config, CausalLM(tu.tiny_config(), rngs=nnx.Rngs(0)), ids, mask,
+                                   reward_fn=rm_fn, eos_token_id=tu.EOS)  # fmt: skip
+    assert resumed.restore(str(tmp_path)) == 2
+    history = resumed.train(progress=False)
+    assert len(history) == 1
+    np.testing.assert_allclose(history[0]["reward"], straight_history[2]["reward"], atol=1e-6)
+    for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(straight.state)):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -12,6 +12,13 @@ No value model: the other samples of the same prompt play the critic's part. Gro
 are all equal carry no signal (every advantage is 0); their fraction is logged
 (``frac_reward_zero_std``) and, with ``dynamic_sampling``, they are dropped and replaced by new
 groups (DAPO) so every update learns from every group.
+
+The G responses of a group share their prompt, and so does the work on it: sampling prefills each
+prompt once, the reward model and the loss run it once and let its G responses attend to its keys and
+values (``models.heads.response_hidden``; minibatches are drawn as whole groups). With one optimiser
+step per batch, π_old is π_θ and the loss takes log π_old from its own forward pass (no separate one).
+With a reward model the whole iteration is one jitted program (:func:`iterate`); Python rewards and
+DAPO's refills run :func:`draw_groups` from the host, then :func:`update`.
 """
 
 from __future__ import annotations
@@ -248,7 +255,7 @@ def update(recipe: Recipe, train: TrainState, reference_state, groups, rng):
     )  # fmt: skip
     indices = minibatch_indices(rng, epochs=c.epochs, rollouts=c.rollouts,
                                 minibatch=c.rollouts // c.num_minibatches,
-                                group_size=c.group_size if c.minibatch_groups else 1)  # fmt: skip
+                                group_size=c.minibatch_group_size)  # fmt: skip
     train, train_metrics = run_steps(recipe.stepper, train, batch, indices)
     return train, {**metrics, **train_metrics}
 
@@ -356,7 +363,7 @@ class GRPOTrainer:
             kl_coef=config.kl_coef if config.kl_in == "loss" else 0.0,
             with_reference=config.kl_coef > 0,
             temperature=config.temperature, tis_cap=config.tis_cap,
-            group_size=config.group_size if config.minibatch_groups else 1,
+            group_size=config.minibatch_group_size,
             on_policy=config.on_policy,
         )  # fmt: skip
         self.stepper = config.train_step(self.loss, config.optimizer, params)

@@ -99,11 +99,11 @@ class GRPOConfig(LoopConfig):
         return self.batch_size * self.group_size
 
     @property
-    def minibatch_groups(self) -> bool:
-        """True when num_minibatches divides batch_size: each minibatch is then drawn as whole
-        groups (G consecutive rows), so each prompt is run once for its G responses in the loss
-        (``models.heads.response_hidden``); otherwise rows are drawn one by one."""
-        return self.batch_size % self.num_minibatches == 0
+    def minibatch_group_size(self) -> int:
+        """group_size when num_minibatches divides batch_size: minibatches are then drawn as whole
+        groups (G consecutive rows), so the loss runs each prompt once for its G responses
+        (``models.heads.response_hidden``); else 1: rows are drawn one by one."""
+        return self.group_size if self.batch_size % self.num_minibatches == 0 else 1
 
     @property
     def on_policy(self) -> bool:
