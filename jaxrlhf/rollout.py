@@ -130,7 +130,8 @@ def sample_token(logits, rng, *, temperature, top_k, top_p, greedy: bool, noise=
     sampled:  a ~ p̃ = softmax(z̃),  z̃ = filter(z / τ),   logprob = log p̃(a) = z̃[a] − log Σ_v exp z̃[v]
     greedy:   a = argmax z,                             logprob = log softmax(z / τ)[a]  (unfiltered)
 
-    The draw is Gumbel-max, a = argmax(z̃ + g) with g ~ Gumbel(0, 1) (``jax.random.categorical``).
+    The draw is Gumbel-max, a = argmax(z̃ + g) with g ~ Gumbel(0, 1): the token
+    ``jax.random.categorical(rng, z̃)`` draws (its noise, ``first_argmax`` for its argmax).
     Args:
       logits: [B, V] raw logits z of the next token.
       rng: a jax.random key (unused when greedy or when ``noise`` is given).
@@ -147,11 +148,9 @@ def sample_token(logits, rng, *, temperature, top_k, top_p, greedy: bool, noise=
         sampled_from = scaled  # [B, V]
     else:
         sampled_from = filter_logits(scaled, top_k=top_k, top_p=top_p)  # [B, V]
-        if noise is None:
-            token = jax.random.categorical(rng, sampled_from, axis=-1)  # [B]
-        else:
-            token = first_argmax(sampled_from + noise)  # [B]
-        token = token.astype(jnp.int32)
+        if noise is None:  # categorical(rng, ·)'s own noise
+            noise = jax.random.gumbel(rng, sampled_from.shape)  # [B, V]
+        token = first_argmax(sampled_from + noise).astype(jnp.int32)  # [B]
     # τ is already applied: token_logprobs at temperature 1 is log softmax(z̃)[a].
     logprob = token_logprobs(sampled_from[:, None], token[:, None])[:, 0]  # [B]
     return token, logprob
