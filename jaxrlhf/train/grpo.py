@@ -357,6 +357,8 @@ class GRPOTrainer:
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.graphdef, params = nnx.split(actor)
         self.reference_graphdef, self.reference_state = nnx.split(reference)
+        if config.kl_coef == 0:  # no KL: the reference is never run (nor handed to the programs)
+            self.reference_state = None
         self.loss = GroupLoss(
             graphdef=self.graphdef, clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
             importance_level=config.importance_level, aggregation=config.loss_aggregation,
