@@ -73,9 +73,9 @@ def layer_norm(x, weight, bias, eps: float):
         dx = r · (g − mean(g) − x̂ · mean(g · x̂)),   dw = Σ dy · x̂,   db = Σ dy
 
     (sums over every axis but the last). Autodiff's version computes the same values, but XLA's CPU
-    backend fused its ~40 elementwise ops into the strided copy that transposes dx for the weight
-    gradients: 24% of a 3.5M-parameter GPT-2's train step, 3 % with this form
-    (``benchmarks/bench_grpo.py``). x: [..., D]; weight, bias: [D].
+    backend fused its ~40 elementwise ops into the strided copies that transpose dx for the weight
+    gradients: 24% of a 3.5M-parameter GPT-2's gradient (profiled), 5% with this form, which cut
+    that gradient from 232 to 185 ms. x: [..., D]; weight, bias: [D].
     """
     return _layer_norm_forward(x, weight, bias, eps)[0]
 
