@@ -207,6 +207,17 @@ def minibatch_indices(rng, *, epochs: int, rollouts: int, minibatch: int, group_
     return rows.reshape(-1, minibatch)
 
 
+def loss_group_size(config: GRPOConfig) -> int:
+    """The loss's group_size: config.minibatch_group_size, unless pmap / shard_map split a
+    minibatch's rows over devices without whole groups on each (then 1: every row runs its prompt)."""
+    if config.parallelism in ("pmap", "shard_map"):
+        local = config.parallelism == "pmap"
+        devices = config.num_devices or (jax.local_device_count() if local else jax.device_count())
+        if (config.batch_size // config.num_minibatches) % devices:
+            return 1
+    return config.minibatch_group_size
+
+
 # ============================================================================ one iteration
 
 
@@ -365,7 +376,7 @@ class GRPOTrainer:
             kl_coef=config.kl_coef if config.kl_in == "loss" else 0.0,
             with_reference=config.kl_coef > 0,
             temperature=config.temperature, tis_cap=config.tis_cap,
-            group_size=config.minibatch_group_size,
+            group_size=loss_group_size(config),
             on_policy=config.on_policy,
         )  # fmt: skip
         self.stepper = config.train_step(self.loss, config.optimizer, params)
