@@ -396,3 +396,20 @@ def test_the_missing_eos_penalty_reaches_the_scores():
             config, tu.CausalLM(tu.tiny_config(), rngs=tu.nnx.Rngs(0)), *tu.tiny_prompts(),
             reward_fn=zero,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("num_devices", [2, 8])
+def test_ppo_iterations_under_pmap_equal_one_device(num_devices):
+    """Each iteration puts the state on pmap's devices again (run_steps): the arrays computed from
+    the previous iteration's pmapped outputs must be placed as pmap expects."""
+    fields = {"num_iterations": 3, "batch_size": 16, "num_minibatches": 2}
+    pmapped = tu.tiny_trainer(
+        tu.tiny_ppo_config(parallelism="pmap", num_devices=num_devices, **fields)
+    )
+    single = tu.tiny_trainer(tu.tiny_ppo_config(**fields))
+    for a, b in zip(pmapped.train(progress=False), single.train(progress=False)):
+        np.testing.assert_allclose(a["loss"], b["loss"], atol=1e-5)
+    for a, b in zip(
+        jax.tree.leaves(pmapped.state.train.params), jax.tree.leaves(single.state.train.params)
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-4)

@@ -262,12 +262,13 @@ def test_one_program_run_resumes_from_its_checkpoint_like_an_uninterrupted_run(t
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_shard_map_slices_without_whole_groups_run_each_prompt_per_row():
-    """shard_map splits a minibatch's 8 rows (2 groups of 4) over 8 devices, one row each: the loss
-    then runs the prompt per row, and the update equals one device's."""
+@pytest.mark.parametrize("parallelism", ["shard_map", "pmap"])
+def test_device_slices_without_whole_groups_run_each_prompt_per_row(parallelism):
+    """shard_map / pmap split a minibatch's 8 rows (2 groups of 4) over 8 devices, one row each: the
+    loss then runs the prompt per row, and the updates equal one device's."""
     rm_fn = reward_model_fn(RewardModel(tu.tiny_config(), rngs=nnx.Rngs(9)))
     one, one_history = grpo_run(rm_fn, batch_size=2)
-    split, split_history = grpo_run(rm_fn, batch_size=2, parallelism="shard_map")
+    split, split_history = grpo_run(rm_fn, batch_size=2, parallelism=parallelism)
     assert split.loss.group_size == 1 and one.loss.group_size == 4
     for a, b in zip(split_history, one_history):
         np.testing.assert_allclose(a["loss"], b["loss"], atol=1e-5)

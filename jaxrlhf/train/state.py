@@ -283,8 +283,10 @@ class ParallelStep:
         return _shard_map_step(state, batch, self.loss, self.optimizer, self.mesh)
 
     def put_state(self, state: TrainState):
-        if self.parallelism == "pmap":
-            return replicate(state, self.num_devices)
+        if self.parallelism == "pmap":  # placed as pmap expects, wherever ``state`` was computed
+            return jax.device_put(
+                replicate(state, self.num_devices), NamedSharding(self.mesh, P(AXIS))
+            )
         if self.parallelism == "shard_map":
             return jax.device_put(state, NamedSharding(self.mesh, P()))
         if self.parallelism == "mesh":
@@ -296,7 +298,9 @@ class ParallelStep:
 
     def put_batch(self, batch):
         if self.parallelism == "pmap":
-            return split_batch(batch, self.num_devices)
+            return jax.device_put(
+                split_batch(batch, self.num_devices), NamedSharding(self.mesh, P(AXIS))
+            )
         if self.parallelism == "shard_map":
             check_divisible(batch, self.num_devices)
             return jax.device_put(batch, NamedSharding(self.mesh, P(AXIS)))
@@ -334,7 +338,8 @@ def make_train_step(
         n = jax.local_device_count() if num_devices is None else num_devices
         if not 1 <= n <= jax.local_device_count():
             raise ValueError(f"num_devices={n}: this host has {jax.local_device_count()} devices")
-        return ParallelStep(loss, optimizer, "pmap", n)
+        mesh = Mesh(np.array(jax.local_devices()[:n]), (AXIS,))  # the devices pmap maps over
+        return ParallelStep(loss, optimizer, "pmap", n, mesh)
     mesh = data_mesh(num_devices)
     return ParallelStep(loss, optimizer, "shard_map", mesh.devices.size, mesh)
 
