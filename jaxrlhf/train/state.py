@@ -128,10 +128,11 @@ def train_step(
 
     **Non-finite values.** When the loss or the gradient norm ‖g‖ is NaN/±inf (some gradient
     element is NaN or ±inf, or ‖g‖² overflows float32; one check on ‖g‖ rather than one per
-    parameter), checked after the cross-device sum so that every device agrees, the update is skipped: params and opt_state come back
-    unchanged (Adam's moments and the schedule count too), ``step`` still advances (it counts the
-    batches consumed, so which batch comes next stays a function of ``step``) and
-    ``nonfinite_skipped`` is 1 (else 0). With finite values the update is exactly the plain one.
+    parameter), checked after the cross-device sum so that every device agrees, the update is
+    skipped: params and opt_state come back unchanged (Adam's moments and the schedule count too),
+    ``step`` still advances (it counts the batches consumed, so which batch comes next stays a
+    function of ``step``) and ``nonfinite_skipped`` is 1 (else 0). With finite values the update
+    is exactly the plain one.
     """
     params = state.params if axis_name is None else _mark_varying(state.params, axis_name)
 
