@@ -15,6 +15,10 @@ alternate for ``--rounds`` rounds (ours, trl, ours, trl, …) and each reports t
 rounds' medians. "Our GFLOP/s" is matmul_flops (the work our update does) over our time, against
 the float32 matmul peak measured in the same run; "trl / (our FLOPs at peak)" is the largest ratio an
 update doing that work could reach on this machine.
+
+On a GPU both sides run there (trl with ``use_cpu=False``, its clock waiting for the GPU at the end of
+each update), and both compute float32 matmuls in full float32: torch's default, and
+``jax_default_matmul_precision="highest"`` for ours.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ def bench_jaxrlhf(name: str, updates: int) -> dict:
     }
 
 
-def bench_trl(name: str, updates: int) -> dict:
+def bench_trl(name: str, updates: int, cuda: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
@@ -115,11 +119,11 @@ def bench_trl(name: str, updates: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = offline_tokenizer(tmp)
         prompts = [" ".join(f"t{t}" for t in row) for row in prompt_token_ids(updates).tolist()]
-        clock = trl_clock()
+        clock = trl_clock(cuda=cuda)
         args = GRPOConfig(
             output_dir=tmp, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
             max_completion_length=RESPONSE_LEN, temperature=1.0, beta=0.0, num_iterations=1,
-            learning_rate=1e-6, max_steps=updates + WARMUP, use_cpu=True, bf16=False, fp16=False,
+            learning_rate=1e-6, max_steps=updates + WARMUP, use_cpu=not cuda, bf16=False, fp16=False,
             report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=0,
         )  # fmt: skip
         trainer = GRPOTrainer(
@@ -141,10 +145,10 @@ def summarize(rounds: list) -> dict | None:
     return {**rounds[0], "update_s": float(np.median(per_round)), "update_s_rounds": per_round}
 
 
-def run_trl_subprocess(name: str, updates: int) -> dict:
+def run_trl_subprocess(name: str, updates: int, cuda: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "trl.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--trl-only", name]
+        cmd = [sys.executable, os.path.abspath(__file__), "--trl-only", name] + ["--cuda"] * cuda
         subprocess.run([*cmd, "--updates", str(updates), "--json", out], check=True,
                        stdout=subprocess.DEVNULL)  # fmt: skip
         with open(out) as f:
@@ -159,12 +163,21 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-trl", action="store_true", help="time jaxrlhf only")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--trl-only", default=None, help=argparse.SUPPRESS)  # the subprocess
+    parser.add_argument("--cuda", action="store_true", help=argparse.SUPPRESS)  # trl on the GPU
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.trl_only:
         with open(args.json, "w") as f:
-            json.dump(bench_trl(args.trl_only, args.updates), f)
+            json.dump(bench_trl(args.trl_only, args.updates, args.cuda), f)
         return 0
+    import jax
+
+    # Both sides on the same kind of device: trl on CUDA when JAX runs on a GPU. torch computes
+    # float32 matmuls in full float32 there (TF32 off by default), so JAX is told to as well.
+    cuda = jax.default_backend() == "gpu"
+    if cuda:
+        jax.config.update("jax_default_matmul_precision", "highest")
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
     peak = measure_matmul_peak()
     print(f"measured float32 matmul peak (1024³ jnp.matmul): {peak / 1e9:.1f} GFLOP/s", flush=True)
     rows = {"peak_flops": peak}
@@ -173,7 +186,7 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|---|")
     for name in args.sizes.split(","):
         rounds = [(bench_jaxrlhf(name, args.updates),
-                   None if args.skip_trl else run_trl_subprocess(name, args.updates))
+                   None if args.skip_trl else run_trl_subprocess(name, args.updates, cuda))
                    for _ in range(args.rounds)]  # fmt: skip
         ours, theirs = summarize([r[0] for r in rounds]), summarize([r[1] for r in rounds])
         flops = matmul_flops(*SIZES[name][:2])

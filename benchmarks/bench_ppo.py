@@ -288,8 +288,10 @@ def trl_ppo_config(output_dir: str, updates: int):
     )
 
 
-def trl_clock():
-    """A TrainerCallback that records perf_counter() at train begin and at the end of every update."""
+def trl_clock(cuda: bool = False):
+    """A TrainerCallback that records perf_counter() at train begin and at the end of every update
+    (after the GPU's queued work has finished, with ``cuda``)."""
+    import torch
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
@@ -300,6 +302,8 @@ def trl_clock():
             self.marks.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
             self.marks.append(time.perf_counter())
 
     return Clock()
