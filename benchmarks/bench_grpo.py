@@ -10,9 +10,9 @@ reference pass, trl's default). float32, dropout off, temperature 1, same shapes
 
 As in bench_ppo.py, trl runs in a fresh subprocess (torch is slower in a process where JAX ran), and
 the first update of each side (compilation / warm-up) is reported separately; it and the next two
-are not timed, and each side reports the median of the next ``--updates``. This machine's speed drifts by tens of percent over minutes, so the two sides
-alternate for ``--rounds`` rounds (ours, trl, ours, trl, …) and each reports the median of its
-rounds' medians. "Our GFLOP/s" is matmul_flops (the work our update does) over our time, against
+are not timed, and each side reports the median of the next ``--updates``. This machine's speed
+drifts by tens of percent over minutes, so the two sides alternate for ``--rounds`` rounds (ours,
+trl, ours, trl, …) and each reports the median of its rounds' medians. "Our GFLOP/s" is matmul_flops (the work our update does) over our time, against
 the float32 matmul peak measured in the same run; "trl / (our FLOPs at peak)" is the largest ratio an
 update doing that work could reach on this machine.
 
@@ -68,7 +68,6 @@ def matmul_flops(hidden: int, layers: int) -> float:
 
 
 def prompt_token_ids(updates: int):
-
     rng = np.random.default_rng(0)
     return rng.integers(2, VOCAB, size=(PROMPTS * (updates + WARMUP), PROMPT_LEN)).astype(np.int32)
 
@@ -158,7 +157,7 @@ def run_trl_subprocess(name: str, updates: int, cuda: bool) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: 174k,3.5M,26M")
-    parser.add_argument("--updates", type=int, default=10, help="timed updates after the first")
+    parser.add_argument("--updates", type=int, default=10, help="timed updates after warm-up")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
     parser.add_argument("--skip-trl", action="store_true", help="time jaxrlhf only")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -194,9 +193,8 @@ def main(argv=None) -> int:
         rows[name] = {"jaxrlhf": ours, "trl": theirs, "matmul_flops": flops}
         ratio = f"{theirs['update_s'] / ours['update_s']:.1f}×" if theirs else "–"
         trl_s = f"{theirs['update_s']:.3f}" if theirs else "–"
-        bound = (
-            f"{theirs['update_s'] / (flops / peak):.1f}×" if theirs else "–"
-        )  # the most possible
+        # the largest ratio possible: our matmul work at the measured peak
+        bound = f"{theirs['update_s'] / (flops / peak):.1f}×" if theirs else "–"
         first = f"{ours['first_s']:.1f} s / " + (f"{theirs['first_s']:.1f} s" if theirs else "–")
         print(f"| {name} ({ours['params'] / 1e6:.2f}M) | {ours['update_s']:.3f} | {trl_s} | "
               f"{ratio} | {ours['flops_per_s'] / 1e9:.1f} ({100 * ours['flops_per_s'] / peak:.0f}%) | "

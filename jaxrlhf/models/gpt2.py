@@ -109,8 +109,8 @@ class GPT2Model(nnx.Module):
     ):
         """Args: input_ids, positions [B, T]; mask [B, T, S] bool (layers.causal_mask);
         cache: a layers.KVCache or None. remat: recompute each block in the backward pass (None:
-        config.remat when there is no cache, so never while decoding). Returns (hidden [B, T, D], new cache
-        or None)."""
+        config.remat when there is no cache, so never while decoding). Returns (hidden [B, T, D],
+        new cache or None)."""
         x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
         x = dropout(x, self.config.dropout, fold_rng(dropout_rng, 0))
         if remat is None:

@@ -112,8 +112,8 @@ class LlamaModel(nnx.Module):
     ):
         """Args: input_ids, positions [B, T]; mask [B, T, S] bool (layers.causal_mask);
         cache: a layers.KVCache or None. remat: recompute each block in the backward pass (None:
-        config.remat when there is no cache, so never while decoding). Returns (hidden [B, T, D], new cache
-        or None)."""
+        config.remat when there is no cache, so never while decoding). Returns (hidden [B, T, D],
+        new cache or None)."""
         x = self.embed_tokens(input_ids)  # [B, T, D]
         # The inverse frequencies are a constant of the config (numpy), not a parameter.
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))  # [B, T, d] each

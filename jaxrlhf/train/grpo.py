@@ -111,9 +111,8 @@ class GroupLoss:
             "entropy": (jax.lax.stop_gradient(rl.masked_sum(entropy, mask)), tokens),
             "clip_ratio/region_mean": (rl.masked_sum(clipped, mask), tokens),
         }
-        if (
-            self.on_policy
-        ):  # the sampler-vs-trainer gap, measured here rather than before the update
+        # On-policy, the sampler-vs-trainer gap is measured here rather than before the update.
+        if self.on_policy:
             gap = jnp.abs(jnp.where(mask > 0, old - batch.rollout_logprobs, 0.0))
             terms["tis/mean_abs_logprob_diff"] = (rl.masked_sum(gap, mask), tokens)
         if self.with_reference:  # k3(π‖π_ref): GRPO's loss term, or (kl_in="reward") a metric
