@@ -22,6 +22,7 @@ import json
 import time
 
 SIZES = {  # name: (hidden, layers, heads)
+    "tiny": (64, 2, 4),  # the test suite's smoke run
     "26M": (512, 8, 8),
     "124M": (768, 12, 12),  # GPT-2 small
     "355M": (1024, 24, 16),  # GPT-2 medium

@@ -76,11 +76,13 @@ PRECISIONS = {  # name → (compute dtype, remat)
 GIB = 2**30
 
 
-def model_config(name: str, compute_dtype: str, remat: bool):
+def model_config(name: str, compute_dtype: str, remat: bool, num_layers: int | None = None):
+    """The ModelConfig of ``name``, with ``num_layers`` blocks instead of its own when given."""
     from jaxrlhf.models import ModelConfig
 
+    sizes = dict(MODELS[name], **({} if num_layers is None else {"num_layers": num_layers}))
     return ModelConfig(family="llama", max_position_embeddings=4096, compute_dtype=compute_dtype,
-                       remat=remat, **MODELS[name])  # fmt: skip
+                       remat=remat, **sizes)  # fmt: skip
 
 
 def abstract(tree, shardings):
@@ -143,7 +145,7 @@ def rollout_bytes(config, mesh, *, per_device_batch: int, prompt: int, response:
 
     from jaxrlhf.models import CausalLM
     from jaxrlhf.models.sharding import batch_divisor, batch_sharding, param_shardings
-    from jaxrlhf.rollout import _generate
+    from jaxrlhf.rollout import _generate, decode_layout
 
     graphdef, params = nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0))))
     state = abstract(params, param_shardings(params, mesh))
@@ -154,6 +156,7 @@ def rollout_bytes(config, mesh, *, per_device_batch: int, prompt: int, response:
         state, ids, ids, jax.ShapeDtypeStruct((2,), jnp.uint32), scalar, scalar,
         jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
         graphdef=graphdef, max_new_tokens=response, top_k=None, use_top_p=False, greedy=False,
+        **decode_layout(b, prompt, config.vocab_size, response),  # the layout sample() uses
     ).compile()  # fmt: skip
     stats = compiled.memory_analysis()
     return {
@@ -169,7 +172,7 @@ def measure(name, devices, precision, args) -> dict:
     from jaxrlhf.models.sharding import make_mesh
 
     compute, remat = PRECISIONS[precision]
-    config = model_config(name, compute, remat)
+    config = model_config(name, compute, remat, args.num_layers)
     mesh = make_mesh(MESHES[devices], devices=jax.devices()[:devices])
     sizes = {"per_device_batch": args.per_device_batch, "prompt": args.prompt}
     sizes["response"] = args.response
@@ -202,6 +205,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     parser.add_argument("--response", type=int, default=256, help="response tokens")
     parser.add_argument("--frozen-dtype", default="bfloat16", help="reference / reward model")
+    parser.add_argument("--num-layers", type=int, default=None, help="override every model's depth")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     devices = [int(d) for d in args.devices.split(",")]

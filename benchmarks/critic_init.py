@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 
 SETTINGS = {
     "shared trunk, zero head": {},
@@ -40,12 +41,13 @@ def randomize_head(trainer, *, seed: int) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=10, help="PPO iterations per setting")
+    parser.add_argument("--sft-steps", type=int, default=None, help="SFT steps (the demo's: 500)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
     from flax import nnx
 
-    from jaxrlhf.demo import (
+    from jaxrlhf.demo.common import (
         DEMO_PPO,
         DEMO_REWARD,
         DEMO_SFT,
@@ -56,10 +58,14 @@ def main(argv=None) -> int:
     from jaxrlhf.models import CausalLM
     from jaxrlhf.train import PPOTrainer, train_sft
 
-    demo = DemoConfig(out_dir="/tmp/critic_init")
+    scratch = tempfile.TemporaryDirectory()  # the reward model's metrics: not a result here
+    demo = DemoConfig(out_dir=scratch.name)
     task, model_config = build_task(demo, DEMO_PPO)
     base = CausalLM(model_config, rngs=nnx.Rngs(demo.seed))
-    base, _ = train_sft(base, *task.corpus_batch(), DEMO_SFT, progress=False)
+    sft = (
+        DEMO_SFT if args.sft_steps is None else dataclasses.replace(DEMO_SFT, steps=args.sft_steps)
+    )
+    base, _ = train_sft(base, *task.corpus_batch(), sft, progress=False)
     reward_model, _ = train_demo_reward_model(
         task, base, demo, DEMO_REWARD, DEMO_PPO, progress=False
     )
@@ -76,6 +82,7 @@ def main(argv=None) -> int:
         history = trainer.train(progress=False)
         results[label] = [round(m["val/explained_variance"], 3) for m in history]
         print(f"{label:<34}", " ".join(f"{v:6.2f}" for v in results[label]), flush=True)
+    scratch.cleanup()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,6 +1,6 @@
 """jaxrlhf: RLHF with PPO in JAX/Flax — the derivation you can step through, the trainer you can run.
 
-jaxrlhf.gae, jaxrlhf.ppo_loss, …      the seed's math (jaxrlhf.rl), pure functions on arrays
+jaxrlhf.gae, jaxrlhf.ppo_loss, …      the RLHF math (jaxrlhf.rl), pure functions on arrays
 jaxrlhf.from_pretrained / save_pretrained   Hugging Face safetensors checkpoints in and out
 jaxrlhf.sample(model, …, SamplingConfig(…), rng)   jitted prefill + KV-cache decode → Rollout
 jaxrlhf.score_sequences                a reward model's score of prompt ⧺ response
@@ -17,7 +17,7 @@ from jaxrlhf.models import (
     save_pretrained,
     train_bpe_tokenizer,
 )
-from jaxrlhf.rl import *  # (the seed's math; see jaxrlhf/rl/__init__.py)
+from jaxrlhf.rl import *  # (the RLHF math; see jaxrlhf/rl/__init__.py)
 from jaxrlhf.rl import __all__ as _rl_all
 from jaxrlhf.rollout import Rollout, SamplingConfig, generate, sample, score_sequences
 

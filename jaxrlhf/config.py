@@ -26,11 +26,20 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
+class ConfigError(ValueError):
+    """An invalid config field: ``str(err)`` is ``"<Config>.<field> = <value>: <message>"``; the
+    parts are kept (``config``, ``field``, ``value``, ``message``) so that the command line can name
+    its flag instead."""
+
+    def __init__(self, config: str, field: str, value: Any, message: str):
+        super().__init__(f"{config}.{field} = {value!r}: {message}")
+        self.config, self.field, self.value, self.message = config, field, value, message
+
+
 def require(condition: bool, config: Any, field: str, message: str) -> None:
-    """Raise ``ValueError("<Config>.<field> = <value>: <message>")`` unless ``condition`` holds."""
+    """Raise :class:`ConfigError` ``"<Config>.<field> = <value>: <message>"`` unless ``condition``."""
     if not condition:
-        value = getattr(config, field, "?")
-        raise ValueError(f"{type(config).__name__}.{field} = {value!r}: {message}")
+        raise ConfigError(type(config).__name__, field, getattr(config, field, "?"), message)
 
 
 def help_of(cls_or_config: Any, field: str) -> str:

@@ -22,12 +22,17 @@ nothing else:
   • the prefill runs the LM head on the last prompt position only.
 The compiled function is cached by ``jax.jit`` per (graphdef, shapes, static arguments): calling
 ``sample`` again in a training loop with new parameters or a new temperature does not retrace.
+
+The jitted body reads as the algorithm: ``_prefill`` → ``_first_token`` → ``_decode_bucket`` per
+bucket (a loop of ``_decode_step``) → Rollout. One step's draw (``filter_logits``, ``gumbel_noise``,
+``first_argmax``, ``sample_token``) lives in ``jaxrlhf.sampling`` and is re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import chex
 import jax
@@ -36,8 +41,13 @@ from flax import nnx, struct
 
 from jaxrlhf.config import option, require
 from jaxrlhf.models.heads import ActorCritic, CausalLM
-from jaxrlhf.models.layers import positions_from_mask
-from jaxrlhf.rl import token_logprobs
+from jaxrlhf.models.layers import KVCache, positions_from_mask
+from jaxrlhf.sampling import (  # the draw of one step; filter_logits and first_argmax re-exported
+    filter_logits,  # noqa: F401
+    first_argmax,  # noqa: F401
+    gumbel_noise,
+    sample_token,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,79 +93,6 @@ class Rollout:
     logprobs: jax.Array  # [B, N] float32 log p̃(aₜ|sₜ) of the sampling distribution; 0 if masked
 
 
-def filter_logits(logits, *, top_k: int | None = None, top_p=None):
-    """Keep the top_k largest logits, then the smallest set of most likely tokens whose probability
-    mass reaches top_p (nucleus sampling, Holtzman et al. 2019); the rest become −∞.
-
-    A token is kept by top_p iff the mass of the tokens strictly more likely than it is < top_p, so
-    the most likely token is always kept. logits: [B, V] (already divided by the temperature).
-    """
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
-        probs = jax.nn.softmax(sorted_logits, axis=-1)  # [B, V]
-        mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, V]
-        keep = mass_before < top_p  # [B, V]
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
-
-
-def gumbel_noise(rng, steps, shape):
-    """The Gumbel noise of ``jax.random.categorical(fold_in(rng, t), ·)`` for each t in ``steps``.
-
-    categorical(key, z) = argmax(z + g), g = jax.random.gumbel(key, z.shape): drawing g for a block
-    of steps in one vectorised call gives the same bits as one call per step, without a small
-    random-bits loop in every decode step. steps: [K] int → [K, *shape] float32.
-    """
-    return jax.vmap(lambda t: jax.random.gumbel(jax.random.fold_in(rng, t), shape))(steps)
-
-
-def first_argmax(x):
-    """argmax over the last axis (the first index of the maximum), as a max and a min reduction:
-    what ``jnp.argmax`` returns, but XLA's CPU backend runs argmax's (value, index) reduction ~4×
-    slower than these two on [32, 1024] logits, once per decode step. NaN rows give the last index.
-    x: [..., V] → int32 [...]."""
-    V = x.shape[-1]
-    top = jnp.max(x, axis=-1, keepdims=True)  # [..., 1]
-    first = jnp.min(jnp.where(x == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)  # [...]
-    return jnp.minimum(first, V - 1)
-
-
-def sample_token(logits, rng, *, temperature, top_k, top_p, greedy: bool, noise=None):
-    """One token per row and its log-probability under the distribution it was drawn from.
-
-    sampled:  a ~ p̃ = softmax(z̃),  z̃ = filter(z / τ),   logprob = log p̃(a) = z̃[a] − log Σ_v exp z̃[v]
-    greedy:   a = argmax z,                             logprob = log softmax(z / τ)[a]  (unfiltered)
-
-    The draw is Gumbel-max, a = argmax(z̃ + g) with g ~ Gumbel(0, 1): the token
-    ``jax.random.categorical(rng, z̃)`` draws (its noise, ``first_argmax`` for its argmax).
-    Args:
-      logits: [B, V] raw logits z of the next token.
-      rng: a jax.random key (unused when greedy or when ``noise`` is given).
-      temperature: τ > 0.  top_k, top_p: the filter (None: off).
-      noise: [B, V] Gumbel noise g drawn beforehand (``gumbel_noise``); the token is then the one
-        ``jax.random.categorical`` would draw with the key that noise came from.
-    Returns:
-      (tokens [B] int32, logprobs [B] float32).
-    """
-    chex.assert_rank(logits, 2)
-    scaled = logits.astype(jnp.float32) / temperature  # [B, V]
-    if greedy:
-        token = first_argmax(logits).astype(jnp.int32)  # [B]
-        sampled_from = scaled  # [B, V]
-    else:
-        sampled_from = filter_logits(scaled, top_k=top_k, top_p=top_p)  # [B, V]
-        if noise is None:  # categorical(rng, ·)'s own noise
-            noise = jax.random.gumbel(rng, sampled_from.shape)  # [B, V]
-        token = first_argmax(sampled_from + noise).astype(jnp.int32)  # [B]
-    # τ is already applied: token_logprobs at temperature 1 is log softmax(z̃)[a].
-    logprob = token_logprobs(sampled_from[:, None], token[:, None])[:, 0]  # [B]
-    return token, logprob
-
-
 FIRST_BUCKET = 32
 """Response slots of the KV cache's first bucket; each further bucket doubles them (``decode_chunks``)."""
 
@@ -179,21 +116,134 @@ def decode_chunks(prompt_len: int, max_new_tokens: int, first: int | None = None
     return tuple(chunks)
 
 
-def _prefill(lm: CausalLM, input_ids, attention_mask):
+def noise_block(batch: int, vocab_size: int, max_new_tokens: int) -> int:
+    """K, the decode steps whose Gumbel noise [K, B, V] is drawn at once: ≤ NOISE_BLOCK_BYTES, ≥ 1."""
+    return max(1, min(max_new_tokens - 1, NOISE_BLOCK_BYTES // (4 * batch * vocab_size)))
+
+
+def decode_layout(batch: int, prompt_len: int, vocab_size: int, max_new_tokens: int) -> dict:
+    """The static layout of the decode loop for B responses: ``_generate``'s ``chunks``
+    (``decode_chunks``) and ``noise_steps`` (``noise_block``) keyword arguments."""
+    return {
+        "chunks": decode_chunks(prompt_len, max_new_tokens),
+        "noise_steps": noise_block(batch, vocab_size, max_new_tokens),
+    }
+
+
+@struct.dataclass
+class _Decoding:
+    """The decode loop's carry before step t: the token step t feeds, the rows already ended, the
+    cache and the responses so far."""
+
+    t: jax.Array  # int32 scalar, the next step
+    token: jax.Array  # [B] int32 response token t − 1
+    done: jax.Array  # [B] bool: the row has emitted its EOS
+    cache: KVCache
+    tokens: jax.Array  # [B, N] int32
+    mask: jax.Array  # [B, N] float32
+    logprobs: jax.Array  # [B, N] float32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Decoder:
+    """What every decode step shares (traced values and the static layout; no state)."""
+
+    lm: CausalLM
+    draw: Callable  # sample_token with the sampling settings bound
+    rng: jax.Array  # the key of token t is fold_in(rng, t)
+    kv_mask: jax.Array  # [B, P + N − 1] int32: the prompt's mask, then 1 for every response slot
+    first_position: jax.Array  # [B] int32 position of response token 0
+    prompt_len: int  # P
+    eos_token_id: jax.Array  # int32 scalar (−1: none)
+    pad_token_id: jax.Array  # int32 scalar
+    greedy: bool
+    noise_steps: int  # K, steps whose noise is drawn at once (``noise_block``)
+
+
+def _prefill(lm: CausalLM, input_ids, attention_mask, group_size: int):
     """The whole prompt in one pass into a cache of P slots → (logits of response token 0 [B, V],
-    cache). Left padding: the last slot is the last prompt token, whose logits predict token 0."""
+    cache, attention_mask [B, P]). Left padding: the last slot is the last prompt token, whose
+    logits predict token 0. With G > 1 each prompt is prefilled once, then G rows sample from it."""
     B, P = input_ids.shape
     cache = lm.init_cache(B, P)
     positions = positions_from_mask(attention_mask)  # [B, P]
     logits, cache = lm.forward_cached(
         input_ids, positions, attention_mask, cache, 0, last_only=True
     )  # [B, 1, V]
-    return logits[:, 0], cache
+    logits = logits[:, 0]  # [B, V]
+    if group_size > 1:
+        logits, cache, attention_mask = jax.tree.map(
+            lambda x: jnp.repeat(x, group_size, axis=0), (logits, cache, attention_mask)
+        )  # [B·G, V], cache [B·G, …], [B·G, P]
+    return logits, cache, attention_mask
 
 
-def noise_block(batch: int, vocab_size: int, max_new_tokens: int) -> int:
-    """K, the decode steps whose Gumbel noise [K, B, V] is drawn at once: ≤ NOISE_BLOCK_BYTES, ≥ 1."""
-    return max(1, min(max_new_tokens - 1, NOISE_BLOCK_BYTES // (4 * batch * vocab_size)))
+def _first_token(decoder: _Decoder, logits, cache, max_new_tokens: int) -> _Decoding:
+    """Response token 0, drawn from the prefill's logits with key fold_in(rng, 0): the state before
+    step 1 (tokens pad_token_id, mask 0 and logprobs 0 everywhere else)."""
+    B, N = logits.shape[0], max_new_tokens
+    token, logprob = decoder.draw(logits, jax.random.fold_in(decoder.rng, 0))  # [B], [B]
+    tokens = jnp.full((B, N), decoder.pad_token_id, jnp.int32).at[:, 0].set(token)  # [B, N]
+    mask = jnp.zeros((B, N), jnp.float32).at[:, 0].set(1.0)  # [B, N]
+    logprobs = jnp.zeros((B, N), jnp.float32).at[:, 0].set(logprob)  # [B, N]
+    done = token == decoder.eos_token_id  # [B] (never true for eos_token_id = −1)
+    return _Decoding(
+        t=jnp.int32(1), token=token, done=done, cache=cache, tokens=tokens, mask=mask,
+        logprobs=logprobs,
+    )  # fmt: skip
+
+
+def _decode_step(decoder: _Decoder, state: _Decoding, kv_mask, noise) -> _Decoding:
+    """Step t: feed token t − 1 into slot P + t − 1, draw token t (``noise`` [B, V]; None when
+    greedy) and write it at column t; a row that has ended writes pad_token_id, mask 0, logprob 0."""
+    t = state.t
+    positions = (decoder.first_position + t - 1)[:, None]  # [B, 1]
+    logits, cache = decoder.lm.forward_cached(
+        state.token[:, None], positions, kv_mask, state.cache, decoder.prompt_len + t - 1
+    )  # [B, 1, V]
+    token, logprob = decoder.draw(logits[:, 0], None, noise=noise)  # [B], [B]
+    alive = ~state.done  # [B]
+    token = jnp.where(alive, token, decoder.pad_token_id)  # [B]
+    logprob = jnp.where(alive, logprob, 0.0)  # [B]
+    tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, t))  # [B, N]
+    mask = jax.lax.dynamic_update_slice(
+        state.mask, alive.astype(jnp.float32)[:, None], (0, t)
+    )  # [B, N]
+    logprobs = jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None], (0, t))  # [B, N]
+    done = state.done | (token == decoder.eos_token_id)  # [B]
+    return _Decoding(
+        t=t + 1, token=token, done=done, cache=cache, tokens=tokens, mask=mask, logprobs=logprobs
+    )
+
+
+def _decode_bucket(decoder: _Decoder, state: _Decoding, t0: int, t1: int, slots: int):
+    """Steps t₀ ≤ t < t₁ over a cache of ``slots`` slots (``decode_chunks``), drawing the Gumbel
+    noise of K steps at a time; the loop stops early once every row has ended."""
+    state = state.replace(cache=state.cache.grow(slots))  # the bucket's slots, the new ones zero
+    kv_mask = decoder.kv_mask[:, :slots]  # [B, slots]
+    K = t1 - t0 if decoder.greedy else min(t1 - t0, decoder.noise_steps)  # steps per block
+    noise_shape = (state.token.shape[0], decoder.lm.config.vocab_size)  # (B, V)
+
+    def running(state):
+        return (state.t < t1) & ~jnp.all(state.done)
+
+    def block(state):
+        noise = None
+        if not decoder.greedy:
+            noise = gumbel_noise(decoder.rng, state.t + jnp.arange(K), noise_shape)  # [K, B, V]
+
+        def body(inner):
+            j, state = inner
+            state = _decode_step(decoder, state, kv_mask, None if noise is None else noise[j])
+            return j + 1, state
+
+        def cond(inner):
+            j, state = inner
+            return (j < K) & running(state)
+
+        return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+
+    return jax.lax.while_loop(running, block, state)
 
 
 @functools.partial(
@@ -228,88 +278,29 @@ def _generate(
     noise_steps: int,
     group_size: int = 1,
 ) -> Rollout:
-    """The jitted body of generate. temperature, top_p, eos_token_id (−1: none) and pad_token_id are
-    traced scalars, so changing them does not recompile. ``chunks`` (``decode_chunks``) and
-    ``noise_steps`` (``noise_block``) are static: how the decode loop is laid out."""
-    lm = nnx.merge(graphdef, state)
-    P = input_ids.shape[1]
-    B = input_ids.shape[0] * group_size  # responses
-    N = max_new_tokens
-    V = lm.config.vocab_size
-    draw = functools.partial(
-        sample_token,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p if use_top_p else None,
-        greedy=greedy,
-    )
+    """The jitted body of generate: prefill → token 0 → one decode loop per cache bucket.
 
-    logits, cache = _prefill(lm, input_ids, attention_mask)  # [B / G, V], cache of P slots
-    if group_size > 1:  # each prompt prefilled once, then G rows sample from it
-        logits, cache, attention_mask = jax.tree.map(
-            lambda x: jnp.repeat(x, group_size, axis=0), (logits, cache, attention_mask)
-        )  # [B, V], cache [B, …], [B, P]
+    temperature, top_p, eos_token_id (−1: none) and pad_token_id are traced scalars, so changing
+    them does not recompile. ``chunks`` and ``noise_steps`` (``decode_layout``) are static: how the
+    decode loop is laid out."""
+    lm = nnx.merge(graphdef, state)
+    logits, cache, attention_mask = _prefill(lm, input_ids, attention_mask, group_size)  # [B, V]
+    B, N = logits.shape[0], max_new_tokens  # B = responses
+    draw = functools.partial(sample_token, temperature=temperature, top_k=top_k,
+                             top_p=top_p if use_top_p else None, greedy=greedy)  # fmt: skip
     kv_mask = jnp.concatenate(
         [attention_mask.astype(jnp.int32), jnp.ones((B, N - 1), jnp.int32)], axis=1
     )  # [B, P + N − 1]
-    first_position = attention_mask.astype(jnp.int32).sum(-1)  # [B] position of response token 0
-    token, logprob = draw(logits, jax.random.fold_in(rng, 0))  # [B], [B]
-    tokens = jnp.full((B, N), pad_token_id, jnp.int32).at[:, 0].set(token)  # [B, N]
-    mask = jnp.zeros((B, N), jnp.float32).at[:, 0].set(1.0)  # [B, N]
-    logprobs = jnp.zeros((B, N), jnp.float32).at[:, 0].set(logprob)  # [B, N]
-    done = token == eos_token_id  # [B] (never true for eos_token_id = −1)
-
-    def step(t, previous, done, cache, kv_mask, noise):
-        """Feed token t−1 (slot P + t − 1), draw token t (noise [B, V], or None when greedy)."""
-        positions = (first_position + t - 1)[:, None]  # [B, 1]
-        logits, cache = lm.forward_cached(previous[:, None], positions, kv_mask, cache, P + t - 1)
-        token, logprob = draw(logits[:, 0], None, noise=noise)  # [B], [B]
-        alive = ~done  # [B]
-        token = jnp.where(alive, token, pad_token_id)  # [B]
-        logprob = jnp.where(alive, logprob, 0.0)  # [B]
-        return token, logprob, alive, cache
-
-    def run_chunk(carry, t0, t1, slots):
-        """Steps t₀ ≤ t < t₁ over a cache of ``slots`` slots, drawing noise K steps at a time."""
-        chunk_mask = kv_mask[:, :slots]  # [B, slots]
-        K = t1 - t0 if greedy else min(t1 - t0, noise_steps)  # steps per block
-
-        def running(t, done):
-            return (t < t1) & ~jnp.all(done)
-
-        def block(carry):
-            t_block = carry[0]
-            noise = None if greedy else gumbel_noise(rng, t_block + jnp.arange(K), (B, V))
-
-            def body(inner):
-                j, (t, previous, done, cache, tokens, mask, logprobs) = inner
-                token, logprob, alive, cache = step(
-                    t, previous, done, cache, chunk_mask, None if greedy else noise[j]
-                )
-                tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, t))
-                mask = jax.lax.dynamic_update_slice(
-                    mask, alive.astype(jnp.float32)[:, None], (0, t)
-                )
-                logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, t))
-                done = done | (token == eos_token_id)
-                return j + 1, (t + 1, token, done, cache, tokens, mask, logprobs)
-
-            def cond(inner):
-                j, (t, _, done, *_) = inner
-                return (j < K) & running(t, done)
-
-            return jax.lax.while_loop(cond, body, (jnp.int32(0), carry))[1]
-
-        return jax.lax.while_loop(lambda c: running(c[0], c[2]), block, carry)
-
-    carry = (jnp.int32(1), token, done, cache, tokens, mask, logprobs)
+    decoder = _Decoder(
+        lm=lm, draw=draw, rng=rng, kv_mask=kv_mask,
+        first_position=attention_mask.astype(jnp.int32).sum(-1),  # [B]
+        prompt_len=input_ids.shape[1], eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        greedy=greedy, noise_steps=noise_steps,
+    )  # fmt: skip
+    decoding = _first_token(decoder, logits, cache, N)
     for t0, t1, slots in chunks:
-        t, token, done, cache, tokens, mask, logprobs = carry
-        carry = run_chunk(
-            (t, token, done, cache.grow(slots), tokens, mask, logprobs), t0, t1, slots
-        )
-    _, _, _, _, tokens, mask, logprobs = carry
-    return Rollout(tokens=tokens, mask=mask, logprobs=logprobs)
+        decoding = _decode_bucket(decoder, decoding, t0, t1, slots)
+    return Rollout(tokens=decoding.tokens, mask=decoding.mask, logprobs=decoding.logprobs)
 
 
 def _check_model_and_prompts(model, input_ids, attention_mask, config: SamplingConfig, token_ids):
@@ -332,6 +323,30 @@ def _check_model_and_prompts(model, input_ids, attention_mask, config: SamplingC
             f"prompt length {input_ids.shape[1]} + max_new_tokens {config.max_new_tokens} exceeds "
             f"the model's max_position_embeddings={model.config.max_position_embeddings}"
         )
+
+
+def _run(lm: CausalLM, input_ids, attention_mask, config: SamplingConfig, rng, *, eos_token_id,
+         pad_token_id: int, group_size: int) -> Rollout:  # fmt: skip
+    """``_generate`` on checked inputs: the settings as traced scalars or static arguments."""
+    graphdef, state = nnx.split(lm)
+    B, P = input_ids.shape
+    return _generate(
+        state,
+        input_ids,
+        attention_mask,
+        rng,
+        jnp.float32(config.temperature),
+        jnp.float32(1.0 if config.top_p is None else config.top_p),
+        jnp.int32(-1 if eos_token_id is None else eos_token_id),
+        jnp.int32(pad_token_id),
+        graphdef=graphdef,
+        max_new_tokens=config.max_new_tokens,
+        top_k=config.top_k,
+        use_top_p=config.top_p is not None,
+        greedy=config.greedy,
+        group_size=group_size,
+        **decode_layout(B * group_size, P, lm.config.vocab_size, config.max_new_tokens),
+    )
 
 
 def generate(
@@ -373,40 +388,16 @@ def generate(
     """
     if group_size < 1:
         raise ValueError(f"group_size must be ≥ 1, got {group_size}")
-    config = SamplingConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        greedy=greedy,
-    )
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, greedy=greedy)  # fmt: skip
     if isinstance(model, ActorCritic):
         model = model.lm
     input_ids = jnp.asarray(input_ids, jnp.int32)  # [B, P]
     attention_mask = jnp.asarray(attention_mask, jnp.int32)  # [B, P]
     token_ids = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
     _check_model_and_prompts(model, input_ids, attention_mask, config, token_ids)
-    graphdef, state = nnx.split(model)
-    return _generate(
-        state,
-        input_ids,
-        attention_mask,
-        rng,
-        jnp.float32(temperature),
-        jnp.float32(1.0 if top_p is None else top_p),
-        jnp.int32(-1 if eos_token_id is None else eos_token_id),
-        jnp.int32(pad_token_id),
-        graphdef=graphdef,
-        max_new_tokens=max_new_tokens,
-        top_k=top_k,
-        use_top_p=top_p is not None,
-        greedy=greedy,
-        chunks=decode_chunks(input_ids.shape[1], max_new_tokens),
-        noise_steps=noise_block(
-            input_ids.shape[0] * group_size, model.config.vocab_size, max_new_tokens
-        ),
-        group_size=group_size,
-    )
+    return _run(model, input_ids, attention_mask, config, rng, eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id, group_size=group_size)  # fmt: skip
 
 
 def sample(

@@ -108,6 +108,8 @@ def sft_policy():
     ids, mask = task.corpus_batch()
     model = tiny_lm(task.vocab_size)
     before = float(next_token_loss(model(ids, mask), ids, mask))
-    config = SFTConfig(steps=60, batch_size=32, learning_rate=1e-2, warmup_steps=5)
+    config = SFTConfig(
+        steps=60, batch_size=32, learning_rate=1e-2, lr_schedule="cosine", warmup_steps=5
+    )
     policy, metrics = train_sft(model, ids, mask, config, progress=False)
     return model, policy, metrics, before

@@ -217,19 +217,19 @@ CASES = [
      ["truncated", "model.safetensors"]),
     # ---------------------------------------------------------------- flags out of range
     ("SFTConfig.learning_rate < 0",
-     lambda w, o: [*_sft(w, o), "--sft-learning-rate", "-1"], ["learning_rate"]),
+     lambda w, o: [*_sft(w, o), "--sft-learning-rate", "-1"], ["--sft-learning-rate -1.0: must be"]),
     ("RewardConfig.batch_size = 0", lambda w, o: [*_rm(w, o), "--rm-batch-size", "0"],
-     ["batch_size"]),
-    ("PPOConfig.gamma > 1", lambda w, o: [*_ppo(w, o), "--ppo-gamma", "1.5"], ["gamma"]),
+     ["--rm-batch-size 0: must be"]),
+    ("PPOConfig.gamma > 1", lambda w, o: [*_ppo(w, o), "--ppo-gamma", "1.5"], ["--ppo-gamma 1.5: must be"]),
     ("GRPOConfig.group_size = 1", lambda w, o: [*_grpo(w, o), "--grpo-group-size", "1"],
-     ["group_size"]),
-    ("DPOConfig.beta = 0", lambda w, o: [*_dpo(w, o), "--dpo-beta", "0"], ["beta"]),
+     ["--grpo-group-size 1: must be"]),
+    ("DPOConfig.beta = 0", lambda w, o: [*_dpo(w, o), "--dpo-beta", "0"], ["--dpo-beta 0.0: must be"]),
     ("DataConfig.max_prompt_length = 0",
-     lambda w, o: [*_sft(w, o), "--data-max-prompt-length", "0"], ["max_prompt_length"]),
+     lambda w, o: [*_sft(w, o), "--data-max-prompt-length", "0"], ["--data-max-prompt-length 0: must be"]),
     ("SamplingConfig.temperature < 0", lambda w, o: _gen(w, o, "base", "--temperature", "-1"),
-     ["temperature"]),
+     ["--temperature -1.0: must be"]),
     ("DemoConfig.hidden_size = 0", lambda w, o: _demo(w, o, "--hidden-size", "0"),
-     ["hidden_size"]),
+     ["--hidden-size 0: must be"]),
     ("not a number", lambda w, o: [*_dpo(w, o), "--dpo-beta", "abc"], ["--dpo-beta", "'abc'"]),
     # ---------------------------------------------------------------- output paths
     ("sft --out is a file", lambda w, o: _sft(w, str(w / "a_file")), ["a_file", "--out"]),
@@ -325,7 +325,7 @@ def _numeric_fields():
     import dataclasses
     import typing
 
-    from jaxrlhf.cli_args import _unwrap_optional
+    from jaxrlhf.cli.flags import _unwrap_optional
     from jaxrlhf.data.preference import DataConfig
     from jaxrlhf.demo import DemoConfig
     from jaxrlhf.rollout import SamplingConfig

@@ -79,7 +79,7 @@ def test_train_rm_then_ppo_then_resume(workspace, capsys):
         str(workspace / "base"),
     ]
     ppo += ["--reward-model", str(rm_out / "reward_model"), "--out", str(ppo_out), "--quiet"]
-    ppo += ["--ppo-batch-size", "4", "--ppo-max-new-tokens", "4", "--ppo-ppo-epochs", "1"]
+    ppo += ["--ppo-batch-size", "4", "--ppo-max-new-tokens", "4", "--ppo-epochs", "1"]
     ppo += ["--ppo-lr-schedule", "constant"]  # so that the run may be extended on resume
     assert main([*ppo, "--ppo-num-iterations", "2", *DATA_FLAGS]) == 0
     records = read_metrics(ppo_out / "metrics.jsonl")
@@ -115,7 +115,13 @@ def test_bad_flag_value_names_the_field(workspace, capsys):
     ]
     argv += ["--reward-model", str(workspace / "base"), "--out", str(workspace / "bad")]
     assert main([*argv, "--ppo-clip-eps", "1.5"]) == 2
-    assert "PPOConfig.clip_eps = 1.5" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: --ppo-clip-eps 1.5: must be in (0, 1)\n"
+    # Every invalid flag at once, each by its flag (the doubled --ppo-ppo-epochs is --ppo-epochs).
+    assert main([*argv, "--ppo-clip-eps", "1.5", "--ppo-epochs", "0", "--ppo-gamma", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    for part in ("--ppo-clip-eps 1.5: ", "--ppo-epochs 0: ", "--ppo-gamma 2.0: "):
+        assert part in err
 
 
 def test_bad_data_names_the_row_and_column(workspace, capsys):
@@ -431,3 +437,43 @@ def length_reward(prompts, completions):
 
 def has_great(prompts, completions):
     return [1.0 if "great" in c else 0.0 for c in completions]
+
+
+def test_ppo_with_a_mesh_alone_runs_on_8_devices_and_equals_one_device(workspace, capsys):
+    """`--ppo-mesh data=2,fsdp=2,tensor=2` alone implies --ppo-parallelism mesh: the 8 forced CPU
+    devices run the same 2 iterations as one device. Also: the sample table every iteration (log
+    and report.md) and the last line naming what was written."""
+    import jax
+
+    from jaxrlhf.models.tokenizer import load_tokenizer
+    from jaxrlhf.train.reward import reward_model_from_policy
+
+    assert jax.device_count() == 8
+    rm_dir = workspace / "rm_for_mesh"  # an untrained reward head: any score will do
+    reward_model = reward_model_from_policy(from_pretrained(workspace / "base"), seed=1)
+    save_pretrained(reward_model, rm_dir, tokenizer=load_tokenizer(workspace / "base"))
+    runs = {}
+    for name, extra in (("one", []), ("mesh", ["--ppo-mesh", "data=2,fsdp=2,tensor=2"])):
+        out = workspace / f"ppo_{name}"
+        argv = ["ppo", "--prompts", str(workspace / "prompts.jsonl"), "--policy",
+                str(workspace / "base"), "--reward-model", str(rm_dir), "--out", str(out),
+                "--quiet", "--ppo-batch-size", "8", "--ppo-max-new-tokens", "4",
+                "--ppo-num-iterations", "2", "--log-samples-every", "1", "--log-samples", "2",
+                *DATA_FLAGS, *extra]  # fmt: skip
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        runs[name] = (read_metrics(out / "metrics.jsonl"), from_pretrained(out / "policy"))
+        assert err.count("samples at iteration") == 2 and "| prompt | completion | reward |" in err
+        assert err.strip().splitlines()[-1] == (
+            f"wrote {out}: policy {out}/policy, report {out}/report.md, metrics {out}/metrics.jsonl"
+        )
+        report = (out / "report.md").read_text()
+        assert "## Samples" in report and "**iteration 2**" in report
+    (one, one_policy), (mesh, mesh_policy) = runs["one"], runs["mesh"]
+    for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg"):
+        np.testing.assert_allclose([r[key] for r in mesh], [r[key] for r in one], rtol=1e-3,
+                                   atol=1e-5, err_msg=key)  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(mesh_policy)), jax.tree.leaves(nnx.state(one_policy))
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)

@@ -318,7 +318,7 @@ def test_collect_with_the_demo_annotators_then_restart_adds_nothing(workspace, c
     root, policy, prompts = workspace
     out = str(root / "rule" / "prefs.jsonl")
     argv = ["collect", "--policy", policy, "--prompts", prompts, "--out", out,
-            "--max-new-tokens", "16", "--temperature", "1.1"]  # fmt: skip
+            "--collect-max-new-tokens", "16", "--collect-temperature", "1.1"]  # fmt: skip
     labeler = "rule:jaxrlhf.collect.labelers:demo_annotator"
     assert main([*argv, "--labeler", labeler]) == 0
     captured = capsys.readouterr()
@@ -341,7 +341,7 @@ def test_collect_with_the_demo_annotators_then_restart_adds_nothing(workspace, c
     assert main([*argv, "--labeler", labeler]) == 0
     assert read_jsonl(out) == rows and read_jsonl(candidates_path(out)) == candidates
     # Other sampling settings over the same --out are refused, naming the setting.
-    assert main([*argv[:-2], "--temperature", "0.7", "--labeler", labeler]) == 2
+    assert main([*argv[:-2], "--collect-temperature", "0.7", "--labeler", labeler]) == 2
     assert "temperature (candidates 1.1, now 0.7)" in capsys.readouterr().err
     # Labels whose candidates file is gone are never matched to new samples.
     os.rename(candidates_path(out), candidates_path(out) + ".moved")
@@ -366,7 +366,7 @@ def test_collect_with_a_reward_model_prefers_the_higher_score(workspace, capsys)
     # The candidates sampled by the rule test (same flags): labelled again, by the reward model.
     shutil.copy(candidates_path(str(root / "rule" / "prefs.jsonl")), candidates_path(out))
     argv = ["collect", "--policy", policy, "--prompts", prompts, "--out", out,
-            "--max-new-tokens", "16", "--temperature", "1.1"]  # fmt: skip
+            "--collect-max-new-tokens", "16", "--collect-temperature", "1.1"]  # fmt: skip
     assert main([*argv, "--labeler", f"reward-model:{root / 'rm'}"]) == 0
     summary = json.loads(capsys.readouterr().out)
     rows, ties = read_jsonl(out), read_jsonl(skipped_path(out))
@@ -394,7 +394,7 @@ def test_ctrl_c_stops_the_server_cleanly_and_keeps_the_labels(workspace):
     os.makedirs(root / "interrupted")
     shutil.copy(candidates_path(str(root / "rule" / "prefs.jsonl")), candidates_path(out))
     server = Collect(["--policy", policy, "--prompts", prompts, "--out", out,
-                      "--max-new-tokens", "16", "--temperature", "1.1"])  # fmt: skip
+                      "--collect-max-new-tokens", "16", "--collect-temperature", "1.1"])  # fmt: skip
     status, _ = _request(server.url, "POST", "/api/label", {"pair_id": 0, "choice": "right"})
     assert status == 200
     server.proc.send_signal(signal.SIGINT)  # Ctrl-C

@@ -84,7 +84,16 @@ def test_label_in_a_browser_with_reload_kill_and_restart(workspace, capsys):
 
     root, policy, prompts = workspace
     out = str(root / "labels" / "prefs.jsonl")
-    argv = ["--policy", policy, "--prompts", prompts, "--out", out, "--max-new-tokens", "16"]
+    argv = [
+        "--policy",
+        policy,
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--collect-max-new-tokens",
+        "16",
+    ]
     driver = browser()
     server = Collect(argv)
     try:
@@ -187,7 +196,7 @@ def screenshot(path: str) -> None:
         policy, prompts = collect_workspace(root, 24)
         out = str(root / "prefs.jsonl")
         server = Collect(["--policy", policy, "--prompts", prompts, "--out", out,
-                          "--max-new-tokens", "16", "--temperature", "1.1"])  # fmt: skip
+                          "--collect-max-new-tokens", "16", "--collect-temperature", "1.1"])  # fmt: skip
         driver = browser()
         try:
             driver.get(server.url)

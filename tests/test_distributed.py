@@ -45,7 +45,7 @@ def ppo_argv(root, out):
         sys.executable, "-m", "jaxrlhf", "ppo", "--prompts", str(root / "prompts.jsonl"),
         "--policy", str(root / "base"), "--reward-model", str(root / "rm"), "--out", str(out),
         "--quiet", "--ppo-num-iterations", "2", "--ppo-batch-size", "8",
-        "--ppo-num-minibatches", "2", "--ppo-ppo-epochs", "2", "--ppo-max-new-tokens", "6",
+        "--ppo-num-minibatches", "2", "--ppo-epochs", "2", "--ppo-max-new-tokens", "6",
         "--ppo-learning-rate", "1e-3", "--data-max-prompt-length", "16", *MESH,
     ]  # fmt: skip
 

@@ -36,7 +36,8 @@ def test_config_rejects_bad_values_naming_the_field():
 def test_dpo_learns_an_easy_preference(loss_type):
     train, held_out = _easy_pairs(64, seed=0), _easy_pairs(32, seed=1)
     model = tiny_lm(len(tokenizer()))
-    config = DPOConfig(epochs=8, batch_size=32, learning_rate=3e-3, warmup_steps=1, beta=0.5,
+    config = DPOConfig(epochs=8, batch_size=32, learning_rate=3e-3, lr_schedule="cosine",
+                       warmup_steps=1, beta=0.5,
                        loss_type=loss_type, eval_fraction=0.0)  # fmt: skip
     trained, metrics = train_dpo(model, train, config, eval_pairs=held_out, progress=False)
     # Policy = reference at the start: h = 0, so the sigmoid loss is log 2 (IPO: (1/(2β))² = 1).

@@ -26,7 +26,8 @@ from jaxrlhf.train.grpo_config import GRPOConfig
 
 def tiny_grpo_config(**overrides) -> GRPOConfig:
     fields = {"num_iterations": 12, "batch_size": 4, "group_size": 4, "num_minibatches": 2,
-              "epochs": 1, "max_new_tokens": 6, "learning_rate": 1e-2, "seed": 0}  # fmt: skip
+              "epochs": 1, "max_new_tokens": 6, "learning_rate": 1e-2, "lr_schedule": "constant",
+              "seed": 0}  # fmt: skip
     return GRPOConfig(**{**fields, **overrides})
 
 
@@ -141,12 +142,12 @@ def test_arithmetic_demo_end_to_end(tmp_path, monkeypatch):
     iterations): the summary, metrics and report it writes, with values in their ranges."""
     import json
 
-    from jaxrlhf import demo_algorithms
-    from jaxrlhf.demo import DemoConfig, run_demo
+    from jaxrlhf.demo import DemoConfig, common, run_demo
 
-    monkeypatch.setitem(demo_algorithms.ARITHMETIC_SFT, "steps", 50)
+    monkeypatch.setitem(common.ARITHMETIC_SFT, "steps", 50)
     demo = DemoConfig(task="arithmetic", algo="rloo", out_dir=str(tmp_path))
-    grpo = GRPOConfig(num_iterations=2, batch_size=8, group_size=4, learning_rate=1e-4)
+    grpo = GRPOConfig(num_iterations=2, batch_size=8, group_size=4, learning_rate=1e-4,
+                      lr_schedule="constant")  # fmt: skip
     summary = run_demo(demo, grpo=grpo, progress=False, echo=lambda line: None)
     assert summary == json.loads((tmp_path / "summary.json").read_text())
     assert summary["algo"] == "rloo" and summary["num_eval_prompts"] == 200

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -144,18 +145,29 @@ def _assert_same_params(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-def test_value_model_and_score_bias_round_trip(tmp_path):
+def test_value_model_and_score_bias_round_trip(tmp_path, capsys):
     config = EXPORT_CONFIGS["gpt2"]
     critic = ValueModel(config, rngs=nnx.Rngs(3))
     save_pretrained(critic, tmp_path / "critic", pad_token_id=PAD)
     _assert_same_params(from_pretrained(tmp_path / "critic", head="value"), critic)
-    # A reward head with a bias (e.g. after reward normalisation): kept for us, flagged for HF.
+    # A reward head with a bias (e.g. after reward normalisation): kept for us, and one plain line
+    # on stderr (no Python warning) says where it went.
     reward = RewardModel(config, rngs=nnx.Rngs(4))
     reward.score.bias.set_value(jnp.array([0.5]))
-    with pytest.warns(UserWarning, match="bias 0.5"):
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         save_pretrained(reward, tmp_path / "rm", pad_token_id=PAD)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bias 0.5 saved as score.bias" in err
+    assert "jaxrlhf_score_bias" in err and "warn" not in err.lower()
     assert "score.bias" in load_file(str(tmp_path / "rm" / "model.safetensors"))
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["jaxrlhf_score_bias"] == 0.5
     _assert_same_params(from_pretrained(tmp_path / "rm", head="reward"), reward)
+    # A non-finite bias is a broken model, not information: that stays a warning.
+    reward.score.bias.set_value(jnp.array([jnp.nan]))
+    with pytest.warns(UserWarning, match="bias nan: every score"):
+        save_pretrained(reward, tmp_path / "rm_nan", pad_token_id=PAD)
 
 
 def test_sharded_checkpoint_and_bfloat16(tmp_path):

@@ -139,6 +139,7 @@ def test_reward_model_learns_an_easy_preference_with_margin_and_centering():
         epochs=40,
         batch_size=128,
         learning_rate=1e-2,
+        lr_schedule="cosine",
         warmup_steps=2,
         center_rewards_coefficient=0.1,
     )

@@ -618,3 +618,21 @@ def test_logprob_mismatch_hand(fn):
     same = fn(train, train, f32([[1, 1, 1, 1]]))
     close(same["mean_abs_diff"], 0.0)
     close(same["max_ratio"], 1.0)
+
+
+def test_value_clipping_counts_no_token_inside_the_band():
+    """V inside [V_old − ε, V_old + ε] is not clipped, to the bit: V_old + (V − V_old) is not V in
+    float32 for this triple (found by search), and once counted it as clipped. 1000 random tokens
+    within 0.1 of V_old with ε = 0.2: no clipped token, and the loss is (V − R)² exactly."""
+    values, old, returns = (
+        jnp.array([x], jnp.float32) for x in (0.04767273, 0.11123639, -0.0013711975)
+    )
+    assert float((old + (values - old))[0]) != float(values[0])  # the rounding the old form hit
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=1000).astype(np.float32)
+    o = (v + rng.uniform(-0.1, 0.1, 1000)).astype(np.float32)
+    r = rng.normal(size=1000).astype(np.float32)
+    for v_, o_, r_ in ((values, old, returns), (jnp.asarray(v), jnp.asarray(o), jnp.asarray(r))):
+        loss, clipped = value_loss_terms(v_, o_, r_, jnp.ones_like(v_), clip_eps=0.2)
+        assert float(jnp.sum(clipped)) == 0.0
+        np.testing.assert_array_equal(loss, (v_ - r_) ** 2)

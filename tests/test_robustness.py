@@ -294,7 +294,7 @@ def workspace(tmp_path_factory):
 def ppo_argv(ws, out, reward_model="rm"):
     return ["ppo", "--prompts", str(ws / "prompts.jsonl"), "--policy", str(ws / "base"),
             "--reward-model", str(ws / reward_model), "--out", str(out), "--quiet",
-            "--ppo-batch-size", "4", "--ppo-max-new-tokens", "4", "--ppo-ppo-epochs", "1",
+            "--ppo-batch-size", "4", "--ppo-max-new-tokens", "4", "--ppo-epochs", "1",
             "--ppo-num-iterations", str(ITERATIONS), "--ppo-checkpoint-every", "1",
             *DATA_FLAGS]  # fmt: skip
 
@@ -458,7 +458,7 @@ def test_a_nan_reward_model_stops_the_ppo_command_with_one_error_line(runs):
     errors = [line for line in runs["ppo_nan_log"].splitlines() if "error" in line.lower()]
     assert len(errors) == 1, errors
     assert errors[0].startswith("error: non-finite loss or gradient at iteration 2: 2 consecutive")
-    assert "PPOConfig.max_nonfinite_skips = 2" in errors[0]
+    assert "--ppo-max-nonfinite-skips 2" in errors[0]
     logged = read_metrics(runs["out"]["ppo_nan"] / "metrics.jsonl")
     updates = PPOConfig(batch_size=4).num_minibatches  # × ppo_epochs = 1
     assert [(r["step"], r["nonfinite_skipped"]) for r in logged] == [(1, updates), (2, updates)]

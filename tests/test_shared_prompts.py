@@ -200,7 +200,7 @@ def grpo_run(reward_fn, **overrides):
     ids, mask = tu.tiny_prompts(num=8, length=4, seed=3)
     sft = CausalLM(tu.tiny_config(), rngs=nnx.Rngs(0))
     fields = {"num_iterations": 2, "batch_size": 4, "group_size": 4, "max_new_tokens": 5,
-              "learning_rate": 1e-2, "seed": 1}  # fmt: skip
+              "learning_rate": 1e-2, "lr_schedule": "constant", "seed": 1}  # fmt: skip
     config = GRPOConfig(**{**fields, **overrides})
     trainer = GRPOTrainer.from_sft(config, sft, ids, mask, reward_fn=reward_fn, eos_token_id=tu.EOS)
     history = trainer.train(progress=False)

@@ -202,7 +202,8 @@ def test_sft_is_the_same_under_shard_map_and_one_device():
     model = tiny_lm(task.vocab_size)
     runs = {}
     for mode in ("single", "shard_map"):
-        config = SFTConfig(steps=3, batch_size=16, warmup_steps=1, parallelism=mode)
+        config = SFTConfig(steps=3, batch_size=16, learning_rate=3e-3, lr_schedule="cosine",
+                           warmup_steps=1, parallelism=mode)  # fmt: skip
         runs[mode] = train_sft(model, ids, mask, config, progress=False)
     (single, m_single), (sharded, m_sharded) = runs["single"], runs["shard_map"]
     np.testing.assert_allclose(m_single["loss"], m_sharded["loss"], rtol=1e-5)
@@ -221,7 +222,8 @@ def test_reward_training_is_the_same_under_pmap_and_one_device():
     rm = reward_model_from_policy(tiny_lm(len(tokenizer())), seed=0)
     runs = {}
     for mode in ("single", "pmap"):
-        config = RewardConfig(epochs=2, batch_size=16, warmup_steps=1, eval_fraction=0.0,
+        config = RewardConfig(epochs=2, batch_size=16, learning_rate=1e-3, lr_schedule="cosine",
+                              warmup_steps=1, eval_fraction=0.0,
                               center_rewards_coefficient=0.1, parallelism=mode)  # fmt: skip
         runs[mode] = train_reward_model(rm, pairs, config, progress=False)
     (single, m_single), (multi, m_multi) = runs["single"], runs["pmap"]

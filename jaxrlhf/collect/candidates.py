@@ -2,7 +2,7 @@
 
     prompt x ──sample(policy, τ) K times──▶ y₁ … y_K ──distinct, finished──▶ pairs (yᵢ, yⱼ), i < j
 
-The seed samples at a high temperature (τ ≈ 1–1.2) so that the two responses a person compares
+Labelling pipelines sample at a high temperature (τ ≈ 1–1.2) so that the two responses a person compares
 differ. A sample that is empty or was cut off before EOS is dropped, and so are duplicates; the
 remaining distinct samples of a prompt are paired in every combination (K = 2 gives at most one
 pair per prompt, K = 4 at most six, as InstructGPT's K-way comparisons do).

@@ -86,12 +86,12 @@ def reward_model_labeler(directory: str, data_config, *, batch_size: int = 32) -
     import jax
     from flax import nnx
 
-    from jaxrlhf.cli import _load_tokenizer
     from jaxrlhf.data.preference import tokenize_pairs
     from jaxrlhf.models.hf import from_pretrained
+    from jaxrlhf.models.tokenizer import load_tokenizer
 
     model = from_pretrained(directory, head="reward")
-    tokenizer = _load_tokenizer(directory)
+    tokenizer = load_tokenizer(directory)
     graphdef, state = nnx.split(model)
 
     @jax.jit

@@ -1,8 +1,8 @@
-"""Preference collection: the seed's labelling step.
+"""Preference collection: InstructGPT's labelling step (Ouyang et al. 2022).
 
     prompts x ──sample(policy) twice──▶ completions (y_a, y_b) ──labeler──▶ (x, y_chosen, y_rejected)
 
-Two completions of each prompt are sampled from the policy (the SFT base policy in the seed) and a
+Two completions of each prompt are sampled from the policy (the SFT base policy, as in InstructGPT) and a
 labeler picks the one it prefers; the reward model is then fitted to these choices with the
 Bradley-Terry loss (``jaxrlhf.train.reward``). Here the labeler is the task's simulated annotators
 (``DemoTask.annotate``: P(a ≻ b) = σ((gold_a − gold_b) / τ)); a real pipeline would show the pairs

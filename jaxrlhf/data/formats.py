@@ -214,6 +214,17 @@ def _count(n: int, what: str = "pair") -> str:
     return f"{n} {what}" + ("" if n == 1 else "s")
 
 
+def template_note(tokenizer, kind: str | None) -> str:
+    """The part of a format line that says how chats will be rendered: empty for text data or a
+    tokenizer with a chat template (or none given); else that the built-in template is used."""
+    if kind != "chat" or tokenizer is None or getattr(tokenizer, "chat_template", None):
+        return ""
+    return (
+        "the tokenizer has no chat template: chats rendered with the built-in "
+        "'role: content' template"
+    )
+
+
 def _report(report: Callable[[str], None] | None, line: str) -> None:
     (report or logger.info)(line)
 
@@ -223,11 +234,13 @@ def load_preference_dataset(
     config: DataConfig | None = None,
     *,
     report: Callable[[str], None] | None = None,
+    tokenizer=None,
 ) -> PreferenceData:
     """Load preference data in any supported format (a file, a dataset directory or a Hub name)
     as prompt/chosen/rejected rows, with the dataset's own held-out split when it has one.
 
-    ``report`` receives the one-line description of the format (default: ``logging.info``).
+    ``report`` receives the one-line description of the format (default: ``logging.info``); with
+    ``tokenizer`` it also says when chats will be rendered by the built-in template.
     """
     config = config or DataConfig()
     source = os.fspath(source)
@@ -237,8 +250,8 @@ def load_preference_dataset(
     if held_out is not None and len(held_out):
         eval_source = f"{source} [{config.eval_split}]"
         eval_rows, _, _ = preference_rows(held_out, config, source=eval_source)
-    line = f"{source}: {fmt.describe(config)}" + (f"; {note}" if note else "")
-    line += f"; {_count(len(rows))}"
+    notes = [n for n in (template_note(tokenizer, fmt.kind), note) if n]
+    line = "; ".join([f"{source}: {fmt.describe(config)}", *notes, _count(len(rows))])
     if eval_rows is not None:
         line += f" + {len(eval_rows)} held out (split {config.eval_split!r})"
     _report(report, line)
@@ -250,9 +263,11 @@ def load_prompt_dataset(
     config: DataConfig | None = None,
     *,
     report: Callable[[str], None] | None = None,
+    tokenizer=None,
 ) -> list[dict]:
     """Prompts (rows with a ``prompt``, text or chat) for PPO: the prompt column, or — for
-    preference data without a usable one (HH-RLHF, UltraFeedback) — the implicit prompts."""
+    preference data without a usable one (HH-RLHF, UltraFeedback) — the implicit prompts.
+    ``report`` and ``tokenizer`` as in :func:`load_preference_dataset`."""
     config = config or DataConfig()
     source = os.fspath(source)
     data, _ = load_splits(source, config)
@@ -265,7 +280,7 @@ def load_prompt_dataset(
     if implicit:
         rows, fmt, _ = preference_rows(data, config, source=source, drop_ties=False)
         prompts = [{"prompt": row["prompt"]} for row in rows]
-        how = f"prompts from the {fmt.describe(config)}"
+        how, kind = f"prompts from the {fmt.describe(config)}", fmt.kind
     else:
         p = config.prompt_column
         if p not in columns:
@@ -280,5 +295,6 @@ def load_prompt_dataset(
             kind = kind or found
             prompts.append({"prompt": value})
         how = f"prompts from column {p!r} ({kind})"
-    _report(report, f"{source}: {how}; {_count(len(prompts), 'prompt')}")
+    notes = [n for n in (how, template_note(tokenizer, kind), _count(len(prompts), "prompt")) if n]
+    _report(report, f"{source}: " + "; ".join(notes))
     return prompts

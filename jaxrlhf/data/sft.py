@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxrlhf.data.formats import _count, _report
+from jaxrlhf.data.formats import _count, _report, template_note
 from jaxrlhf.data.preference import (
     DataConfig,
     DataError,
@@ -126,9 +126,11 @@ def load_sft_dataset(
     config: DataConfig | None = None,
     *,
     report: Callable[[str], None] | None = None,
+    tokenizer=None,
 ) -> SFTData:
     """Load SFT data (a file, a dataset directory or a Hub name) with its held-out split, if any;
-    ``report`` receives the one-line description of the format."""
+    ``report`` receives the one-line description of the format (with ``tokenizer``, also whether
+    chats will be rendered by the built-in template)."""
     config = config or DataConfig()
     source = os.fspath(source)
     train, held_out = load_splits(source, config)
@@ -143,6 +145,8 @@ def load_sft_dataset(
     }[fmt]
     line = f"{source}: SFT {fmt} format ({loss} unless --no-sft-completion-only-loss); "
     line += _count(len(rows), "example")
+    if template := template_note(tokenizer, "chat" if fmt == "messages" else "text"):
+        line += f"; {template}"
     if eval_rows is not None:
         line += f" + {len(eval_rows)} held out (split {config.eval_split!r})"
     _report(report, line)

@@ -18,6 +18,8 @@ The held-out split is ``config.eval_split`` (default ``test``) when the dataset 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 
 from jaxrlhf.data.preference import DataConfig, DataError
@@ -75,6 +77,40 @@ def check_utf8(path: str) -> None:
                 ) from None
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """``datasets`` without its own log lines (its ``ERROR:datasets…`` line would come before our
+    error saying the same) and, off a terminal, without progress bars; restored afterwards."""
+    import datasets
+
+    from jaxrlhf.logging import is_terminal
+
+    verbosity = datasets.logging.get_verbosity()
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    if not is_terminal():
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def first_bad_json_line(path: str) -> str | None:
+    """``"line N, column C: <the parser's message>"`` for the first line of a JSON-lines file that is not
+    one JSON value (blank lines are allowed), else None."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"line {number}, column {err.colno}: {err.msg}"
+    return None
+
+
 def _read_file(path: str):
     import datasets
 
@@ -89,9 +125,12 @@ def _read_file(path: str):
     if FILE_FORMATS[ext] in ("json", "csv"):  # text formats
         check_utf8(path)
     try:
-        return datasets.load_dataset(FILE_FORMATS[ext], data_files=path, split="train")
+        with quiet_datasets():
+            return datasets.load_dataset(FILE_FORMATS[ext], data_files=path, split="train")
     except Exception as e:
-        raise DataError(f"{path}: could not be read as {FILE_FORMATS[ext]} ({_reason(e)})") from e
+        where = first_bad_json_line(path) if ext == ".jsonl" else None
+        reason = f"{where}; {_reason(e)}" if where else _reason(e)
+        raise DataError(f"{path}: could not be read as {FILE_FORMATS[ext]} ({reason})") from e
 
 
 def _reason(error: Exception) -> str:
@@ -114,7 +153,8 @@ def _read_directory(path: str, config: DataConfig):
         except Exception as e:
             raise DataError(f"{path}: a save_to_disk directory that could not be read ({e})") from e
     try:
-        return datasets.load_dataset(path, config.config)
+        with quiet_datasets():
+            return datasets.load_dataset(path, config.config)
     except Exception as e:
         raise DataError(
             f"{path}: not a dataset directory (neither written by save_to_disk nor a folder of "
@@ -127,7 +167,8 @@ def _read_hub(name: str, config: DataConfig):
     import datasets
 
     try:
-        return datasets.load_dataset(name, config.config)
+        with quiet_datasets():
+            return datasets.load_dataset(name, config.config)
     except Exception as e:  # noqa: BLE001 — every failure becomes one error naming the dataset
         error = e
     if _offline():

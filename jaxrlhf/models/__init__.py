@@ -4,7 +4,7 @@ from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.heads import ActorCritic, CausalLM, RewardModel, ValueModel
 from jaxrlhf.models.hf import CheckpointError, from_pretrained, num_params, save_pretrained
 from jaxrlhf.models.layers import KVCache
-from jaxrlhf.models.tokenizer import train_bpe_tokenizer
+from jaxrlhf.models.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 __all__ = [
     "ActorCritic",
@@ -15,6 +15,7 @@ __all__ = [
     "RewardModel",
     "ValueModel",
     "from_pretrained",
+    "load_tokenizer",
     "num_params",
     "save_pretrained",
     "train_bpe_tokenizer",

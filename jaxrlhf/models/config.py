@@ -296,10 +296,13 @@ def _llama_from_hf(config: dict) -> dict[str, Any]:
     model_type = config["model_type"]
     if model_type == "qwen2" and config.get("use_sliding_window", False):
         raise ValueError("unsupported qwen2 config: use_sliding_window=True")
-    if model_type == "mistral" and config.get("sliding_window") is not None:
-        warnings.warn(
-            f"mistral sliding_window={config['sliding_window']} is not implemented: attention is "
-            "full, which is exact only for sequences no longer than the window",
+    window = config.get("sliding_window") if model_type == "mistral" else None
+    max_positions = config.get("max_position_embeddings", 2048)
+    if window is not None and window < max_positions:  # a window ≥ every sequence is exact
+        warnings.warn(  # a possibly wrong result, not information: a real warning
+            f"mistral sliding_window={window} is not implemented: attention is full, which is "
+            f"exact only for sequences of at most {window} tokens (max_position_embeddings="
+            f"{max_positions})",
             stacklevel=4,  # the caller of ModelConfig.from_hf
         )
     num_heads = config["num_attention_heads"]
@@ -311,7 +314,7 @@ def _llama_from_hf(config: dict) -> dict[str, Any]:
         "num_kv_heads": config.get("num_key_value_heads") or num_heads,
         "head_dim": config.get("head_dim"),
         "intermediate_size": config["intermediate_size"],
-        "max_position_embeddings": config.get("max_position_embeddings", 2048),
+        "max_position_embeddings": max_positions,
         "norm_eps": config.get("rms_norm_eps", 1e-6),
         "hidden_act": config.get("hidden_act", "silu"),
         **_rope_from_hf(config),

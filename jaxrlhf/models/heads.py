@@ -245,6 +245,8 @@ class RewardModel(nnx.Module):
     The head is initialised N(0, 1/(D+1)) with zero bias (Ziegler et al. 2019, lm-human-preferences).
     Exported as HF ``*ForSequenceClassification`` (num_labels=1, "score"), which reads the last token
     that is not pad_token_id: the two agree when the pad token is used only for padding.
+    jaxrlhf's responses (preference data, rollouts) end in EOS, so their score is read at the EOS:
+    in transformers feed prompt ⧺ response ⧺ EOS and add config.json's ``jaxrlhf_score_bias``.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):

@@ -2,6 +2,7 @@
 
     from_pretrained(dir, head=...)  config.json → ModelConfig;  model.safetensors (or shards) → params
     save_pretrained(model, dir)     the directory transformers' AutoModelFor*.from_pretrained reads
+                                    (+ generation_config.json: generate() stops at EOS)
 
 The per-family tables ``hf_weight_names`` (gpt2.py, llama.py) say which HF tensor fills which of our
 parameters and whether it is transposed (torch Linear is [out, in], our kernels are [in, out]).
@@ -28,6 +29,7 @@ from jax.sharding import NamedSharding
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
+from jaxrlhf.logging import note
 from jaxrlhf.models import gpt2, llama
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.heads import ActorCritic, CausalLM, RewardModel, ValueModel, scalar_head
@@ -219,13 +221,7 @@ def from_pretrained(
     the refused (pickle) or unreadable (truncated) file, or a missing config.json, and ValueError
     naming an unsupported model_type.
     """
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+    path = _check_checkpoint_dir(path, head)
     config = ModelConfig.from_hf(path, **config_overrides)
     tensors = _normalise_names(read_safetensors(path, lazy=mesh is not None), config)
     if head == "reward" and "score.weight" not in tensors and not allow_new_head:
@@ -234,38 +230,65 @@ def from_pretrained(
             "reward model); train one with `jaxrlhf train-rm`, or pass allow_new_head=True to "
             "start from a randomly initialised head"
         )
-    dtype = jnp_dtype(config)
     # Build the model abstractly (shapes only, no random init of weights we overwrite anyway).
     model = nnx.eval_shape(lambda: HEADS[head](config, rngs=nnx.Rngs(seed)))
     lm = model.lm if isinstance(model, ActorCritic) else model
     load_trunk(lm.model, tensors, config, path, mesh)
     if isinstance(lm, CausalLM) and lm.lm_head is not None:
-        _assign(
-            lm.lm_head.kernel,
-            _take(tensors, "lm_head.weight", path),
-            "lm_head.weight",
-            transpose=True,
-            dtype=dtype,
-            mesh=mesh,
-            path="lm_head/kernel",
-            source=path,
-        )
+        _load_lm_head(lm, tensors, jnp_dtype(config), mesh, path)
     if isinstance(model, (ActorCritic, RewardModel, ValueModel)):
-        target = model.score if isinstance(model, RewardModel) else model.value_head
-        names = (
-            VALUE_HEAD_NAMES if isinstance(model, ActorCritic) else ("score.weight", "score.bias")
-        )
-        # A fresh head N(0, 1/(D+1)), zero bias; overwritten by the checkpoint's head if it has one.
-        fresh = scalar_head(
-            config, std=1.0 / math.sqrt(config.hidden_size + 1), rngs=nnx.Rngs(seed)
-        )
-        target.kernel.set_value(fresh.kernel[...])
-        target.bias.set_value(fresh.bias[...])
-        if names[0] in tensors:
-            head_tensors = {k: tensors[k] for k in names if k in tensors}
-            if mesh is not None:  # a [1, D] head: small, read whole
-                head_tensors = {k: v.read() for k, v in head_tensors.items()}
-            _load_scalar_head(target, head_tensors, *names, dtype, path)
+        _load_or_init_scalar_head(model, tensors, seed, mesh, path)
+    _check_all_loaded(model)
+    if mesh is not None:  # the small heads, initialised or read whole, to their place too
+        state = nnx.state(model)
+        nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
+    return model
+
+
+def _check_checkpoint_dir(path: str | os.PathLike, head: str) -> str:
+    """``path`` as a string, after checking ``head`` and that it is a directory with config.json."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+    return path
+
+
+def _load_lm_head(lm: CausalLM, tensors: dict, dtype, mesh, path: str) -> None:
+    """The untied LM head from ``lm_head.weight`` (HF [V, D], ours [D, V])."""
+    _assign(
+        lm.lm_head.kernel,
+        _take(tensors, "lm_head.weight", path),
+        "lm_head.weight",
+        transpose=True,
+        dtype=dtype,
+        mesh=mesh,
+        path="lm_head/kernel",
+        source=path,
+    )
+
+
+def _load_or_init_scalar_head(model, tensors: dict, seed: int, mesh, path: str) -> None:
+    """The value head (trl's ``v_head.summary.*``) or score head (``score.*``) of ``model``: a fresh
+    head N(0, 1/(D+1)) with zero bias from ``seed``, overwritten by the checkpoint's if it has one."""
+    config = model.config
+    target = model.score if isinstance(model, RewardModel) else model.value_head
+    names = VALUE_HEAD_NAMES if isinstance(model, ActorCritic) else ("score.weight", "score.bias")
+    fresh = scalar_head(config, std=1.0 / math.sqrt(config.hidden_size + 1), rngs=nnx.Rngs(seed))
+    target.kernel.set_value(fresh.kernel[...])
+    target.bias.set_value(fresh.bias[...])
+    if names[0] in tensors:
+        head_tensors = {k: tensors[k] for k in names if k in tensors}
+        if mesh is not None:  # a [1, D] head: small, read whole
+            head_tensors = {k: v.read() for k, v in head_tensors.items()}
+        _load_scalar_head(target, head_tensors, *names, jnp_dtype(config), path)
+
+
+def _check_all_loaded(model) -> None:
+    """Every parameter was set (none is still an abstract ShapeDtypeStruct from eval_shape)."""
     unset = [
         jax.tree_util.keystr(p)
         for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model))
@@ -273,10 +296,6 @@ def from_pretrained(
     ]
     if unset:  # a bug in the tables above, not in the checkpoint
         raise RuntimeError(f"parameters left unloaded: {unset}")
-    if mesh is not None:  # the small heads, initialised or read whole, to their place too
-        state = nnx.state(model)
-        nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
-    return model
 
 
 # ----------------------------------------------------------------------------- writing
@@ -318,8 +337,13 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, pad_token
     ``pad_token_id`` (ours reads the last token with attention_mask 1 — the same position when the pad
     token is used only for padding), so a pad token id is required (argument, tokenizer, or
     config.pad_token_id). transformers' score head has no bias: a non-zero score bias is written as
-    an extra ``score.bias`` tensor (read back by us, ignored by transformers) and, for a reward model, a
-    warning says transformers' scores will be shifted by it.
+    an extra ``score.bias`` tensor (read back by us, ignored by transformers) and as config.json's
+    ``jaxrlhf_score_bias``, the amount to add to transformers' scores (a one-line note says so).
+
+    Special token ids: config.json carries ``pad/bos/eos_token_id`` — ``pad_token_id`` if given,
+    else the tokenizer's, else the model config's (those read from an HF checkpoint's config.json).
+    A causal LM also gets a ``generation_config.json`` with the same ids, so transformers'
+    ``generate()`` stops at EOS with no extra arguments.
 
     Files are written to a temporary directory next to ``path`` and renamed into place, so a crash
     never leaves a half-written checkpoint over a good one. Files of an existing ``path`` that we do
@@ -333,18 +357,39 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, pad_token
     if jax.process_index() != 0:
         return
     tensors, architecture = hf_tensors(model)
-    config = model.config
-    if pad_token_id is None and tokenizer is not None:
-        pad_token_id = tokenizer.pad_token_id
-    if pad_token_id is not None:
-        config = config.replace(pad_token_id=int(pad_token_id))
+    config = model.config.replace(**special_token_ids(model.config, tokenizer, pad_token_id))
     hf_config = config.to_hf(architecture=architecture)
+    generation = None
     if architecture == "SequenceClassification":
-        _check_score_export(model, config, tensors, hf_config)
-    _write_checkpoint(path, tensors, hf_config, tokenizer)
+        _check_score_export(model, config, tensors, hf_config, path)
+    else:
+        generation = {name: getattr(config, name) for name in SPECIAL_TOKEN_IDS}
+    _write_checkpoint(path, tensors, hf_config, tokenizer, generation)
 
 
-def _check_score_export(model, config, tensors: dict, hf_config: dict) -> None:
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_token_ids(config: ModelConfig, tokenizer=None, pad_token_id=None) -> dict[str, int]:
+    """The special token ids an export carries: the model config's, replaced by the tokenizer's
+    where it has them, and ``pad_token_id`` (when given) over both. Ids that are None everywhere
+    are left out."""
+    ids = {name: getattr(config, name) for name in SPECIAL_TOKEN_IDS}
+    for name in SPECIAL_TOKEN_IDS:
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        if value is not None:
+            if not 0 <= int(value) < config.vocab_size:
+                raise ValueError(
+                    f"tokenizer.{name}={value} is outside the model's vocabulary "
+                    f"[0, {config.vocab_size}): is it the tokenizer of another model?"
+                )
+            ids[name] = int(value)
+    if pad_token_id is not None:
+        ids["pad_token_id"] = int(pad_token_id)
+    return {name: value for name, value in ids.items() if value is not None}
+
+
+def _check_score_export(model, config, tensors: dict, hf_config: dict, path: str) -> None:
     """A *ForSequenceClassification export needs a pad token id; warn where transformers' scores
     will differ from ours, and record a non-zero score bias in ``hf_config``."""
     if config.pad_token_id is None:
@@ -358,20 +403,30 @@ def _check_score_export(model, config, tensors: dict, hf_config: dict) -> None:
             "jaxrlhf at it; use a distinct pad token for identical scores",
             stacklevel=3,  # the caller of save_pretrained
         )
-    if "score.bias" in tensors:
-        bias = float(np.asarray(tensors["score.bias"], np.float32)[0])
-        hf_config[SCORE_BIAS_KEY] = bias
-        if isinstance(model, RewardModel):
-            warnings.warn(
-                f"the reward head has bias {bias:g}; transformers' score head has no bias, so its "
-                "scores will be this much lower (jaxrlhf.from_pretrained restores it)",
-                stacklevel=3,  # the caller of save_pretrained
-            )
+    if "score.bias" not in tensors:
+        return
+    bias = float(np.asarray(tensors["score.bias"], np.float32)[0])
+    hf_config[SCORE_BIAS_KEY] = bias
+    if not isinstance(model, RewardModel):
+        return
+    if not math.isfinite(bias):  # every score will be non-finite: a broken model, not information
+        warnings.warn(
+            f"the reward head has bias {bias}: every score of this reward model is {bias}",
+            stacklevel=3,  # the caller of save_pretrained
+        )
+        return
+    note(
+        f"{path}: reward head bias {bias:g} saved as score.bias and config.json "
+        f"{SCORE_BIAS_KEY}; transformers has no score bias: add it to its scores"
+    )
 
 
-def _write_checkpoint(path: str, tensors: dict, hf_config: dict, tokenizer) -> None:
-    """Write weights, config.json and tokenizer to a temporary directory next to ``path``, keep the
-    other files of an existing ``path``, and rename it into place."""
+def _write_checkpoint(
+    path: str, tensors: dict, hf_config: dict, tokenizer, generation: dict | None = None
+) -> None:
+    """Write weights, config.json, generation_config.json (``generation``: its token ids, None for
+    none) and tokenizer to a temporary directory next to ``path``, keep the other files of an
+    existing ``path``, and rename it into place."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -383,6 +438,10 @@ def _write_checkpoint(path: str, tensors: dict, hf_config: dict, tokenizer) -> N
         )
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
+        if generation is not None:
+            from transformers import GenerationConfig  # no torch import
+
+            GenerationConfig(**generation).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if os.path.isdir(path):

@@ -63,3 +63,32 @@ def train_bpe_tokenizer(
     if path is not None:
         wrapped.save_pretrained(os.fspath(path))
     return wrapped
+
+
+# The files a tokenizer is read from (any one of them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in checkpoint directory ``path``, set up for rollouts.
+
+    Left padding (prompts end where generation starts) and, when the tokenizer has no pad token, its
+    EOS as pad. A directory without tokenizer files is a ``ValueError`` naming it: transformers
+    would otherwise build an empty tokenizer from ``config.json`` alone.
+    """
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    if not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"no tokenizer in {path!r} (none of {', '.join(TOKENIZER_FILES)}): save one "
+            "with the model (tokenizer.save_pretrained)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"no tokenizer in {path!r} (save one with the model): {err}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

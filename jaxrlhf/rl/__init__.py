@@ -1,4 +1,4 @@
-"""The seed's math: pure functions on arrays (no models, no configs).
+"""The math of RLHF with PPO: pure functions on arrays (no models, no configs).
 
 Convention: the last axis is time ([T] for one sequence, [B, T] for a batch, any leading dims); a
 ``mask`` is 0/1 and marks the valid response tokens of each row as one contiguous run.

@@ -192,7 +192,10 @@ def value_loss_terms(
     was_clipped = jnp.zeros_like(loss)
     if clip_eps is not None:
         old_values = jax.lax.stop_gradient(zero_masked(old_values, mask))
-        clipped = (old_values + jnp.clip(values - old_values, -clip_eps, clip_eps) - returns) ** 2
+        # clip V itself (not V_old + clip(V − V_old)): inside the band it is V exactly, so float
+        # rounding cannot count an unclipped token as clipped
+        kept = jnp.clip(values, old_values - clip_eps, old_values + clip_eps)  # [..., T]
+        clipped = (kept - returns) ** 2
         was_clipped = (clipped > loss).astype(jnp.float32)
         loss = jnp.maximum(loss, clipped)
     return zero_masked(loss, mask), zero_masked(was_clipped, mask)
@@ -212,7 +215,7 @@ def value_loss(
     L_value = mean_m[(V − R)²]
     clipped:  mean_m[max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²)]
 
-    Note: no ½ factor (the seed's plain MSE). trl and cleanrl use ½·max(...), so their ``vf_coef``
+    Note: no ½ factor (the derivation's plain MSE). trl and cleanrl use ½·max(...), so their ``vf_coef``
     is twice ours for the same loss: our vf_coef = 0.1 is their 0.2.
 
     Args:
@@ -241,7 +244,7 @@ def ppo_loss(
     ent_coef: float = 0.0,
     aggregation: str = "token_mean",
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """The seed's total PPO loss: clipped policy loss, value loss and entropy bonus.
+    """The total PPO loss: clipped policy loss, value loss and entropy bonus.
 
     L = L_policy + c₁ · L_value − c₂ · H,     H = mean_m[entropyₜ]
 

@@ -31,7 +31,7 @@ Surrounding whitespace is ignored. A completion text that still holds the litera
 without skipping special tokens) is cut there; given ``finished`` (whether each completion reached
 EOS; :meth:`ArithmeticTask.finished`), an unfinished completion scores 0 on both.
 
-**Warm-up.** :func:`sft_policy` fine-tunes the tiny GPT-2 (:func:`jaxrlhf.train.sft.tiny_model_config`)
+**Warm-up.** :func:`sft_policy` (in :mod:`jaxrlhf.tasks.arithmetic_warmup`) fine-tunes the tiny GPT-2 (:func:`jaxrlhf.train.sft.tiny_model_config`)
 on ``prompt answer EOS`` examples of the training prompts, the loss on the answer and EOS only. Its
 defaults stop early on purpose, with the held-out greedy accuracy well below 100%, so that RL on the
 exact reward has room to improve it.
@@ -41,7 +41,7 @@ exact reward has room to improve it.
 which the exact reward does not accept (neither correctness nor format). Imitation alone learns the
 habit (greedy decoding then signs most answers); only a reward can unlearn it, and an unlearned habit
 carries over to prompts the RL run never saw. This is the demo's setting for GRPO / RLOO (see
-``jaxrlhf.demo_algorithms``): the held-out accuracy rises because the policy stops signing answers,
+``jaxrlhf.demo.algorithms``): the held-out accuracy rises because the policy stops signing answers,
 and is then bounded by how much arithmetic the SFT taught (measured there).
 
 Measured (default task: ``+``/``−`` on 0 … 99, 4000 training and 500 held-out prompts; tiny GPT-2,
@@ -58,7 +58,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -73,176 +72,42 @@ from jaxrlhf.data.preference import (
     tokenize_prompts,
 )
 from jaxrlhf.data.sft import SFTBatch
-from jaxrlhf.models.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN
+from jaxrlhf.tasks.arithmetic_problems import (
+    CHARACTERS,
+    FORMAT_WEIGHT,
+    OPERATIONS,
+    SPECIAL_TOKENS,
+    UNK_TOKEN,
+    answer,
+    char_tokenizer,
+    correctness_reward,
+    format_reward,
+    parse_prompt,
+    problem_space_size,
+    problems,
+    reward,
+)
+from jaxrlhf.tasks.arithmetic_warmup import sft_policy, signed_answers
 
-UNK_TOKEN = "<unk>"
-SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0, 1, 2, 3
-OPERATIONS = ("+", "-", "*")
-CHARACTERS = "0123456789" + "".join(OPERATIONS) + "="
-FORMAT_WEIGHT = 0.1
-"""Weight of the format reward in :func:`reward` (a wrong number still beats garbage)."""
-
-_PROMPT = re.compile(r"\s*(\d+)([+\-*])(\d+)=\s*")
-_NUMBER = re.compile(r"-?[0-9]+")
-_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-
-
-# ----------------------------------------------------------------------------------------------
-# The tokenizer
-# ----------------------------------------------------------------------------------------------
-
-
-def char_tokenizer(characters: str = CHARACTERS, path: str | os.PathLike | None = None):
-    """A character-level tokenizer: one token per character of ``characters``, after the special
-    tokens ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, ``<unk>`` 3 (any other character encodes to
-    ``<unk>``). Special tokens are not added automatically; ``"<eos>"`` in a text is the EOS token.
-
-    Args:
-      characters: the alphabet, distinct single characters.
-      path: if given, the tokenizer is also saved there with ``save_pretrained``.
-    Returns:
-      a transformers ``PreTrainedTokenizerFast`` with pad/bos/eos/unk set and ``padding_side="left"``.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    if len(set(characters)) != len(characters) or not characters:
-        raise ValueError(f"characters must be distinct and non-empty, got {characters!r}")
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *characters))}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # 1 char each
-    tokenizer.decoder = decoders.Fuse()  # join tokens without spaces
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token=PAD_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        unk_token=UNK_TOKEN,
-        padding_side="left",
-    )
-    if path is not None:
-        wrapped.save_pretrained(os.fspath(path))
-    return wrapped
-
-
-# ----------------------------------------------------------------------------------------------
-# Problems
-# ----------------------------------------------------------------------------------------------
-
-
-def parse_prompt(prompt: str) -> tuple[int, str, int]:
-    """``"17+25="`` → ``(17, "+", 25)``; a ValueError for text that is not such a prompt."""
-    match = _PROMPT.fullmatch(prompt)
-    if match is None:
-        raise ValueError(f"not an arithmetic prompt 'a+b=', 'a-b=' or 'a*b=': {prompt!r}")
-    return int(match[1]), match[2], int(match[3])
-
-
-def answer(prompt: str) -> str:
-    """The right completion of a prompt (without EOS): ``"3-17="`` → ``"-14"``."""
-    a, op, b = parse_prompt(prompt)
-    return str(_APPLY[op](a, b))
-
-
-def _operand_limits(operations, max_operand: int, max_factor: int) -> list[tuple[str, int]]:
-    return [(op, (max_factor if op == "*" else max_operand) + 1) for op in operations]
-
-
-def problem_space_size(
-    operations: Sequence[str] = ("+", "-"), *, max_operand: int = 99, max_factor: int = 12
-) -> int:
-    """Number of distinct prompts: Σ over the operations of (largest operand + 1)²."""
-    return sum(n * n for _, n in _operand_limits(operations, max_operand, max_factor))
-
-
-def problems(
-    indices: Sequence[int] | np.ndarray,
-    operations: Sequence[str] = ("+", "-"),
-    *,
-    max_operand: int = 99,
-    max_factor: int = 12,
-) -> list[str]:
-    """The prompts with these indices in the problem space: operation blocks in the order of
-    ``operations``, inside a block index = a · (limit + 1) + b."""
-    blocks = _operand_limits(operations, max_operand, max_factor)
-    prompts = []
-    for index in np.asarray(indices, np.int64).tolist():
-        for op, n in blocks:
-            if index < n * n:
-                prompts.append(f"{index // n}{op}{index % n}=")
-                break
-            index -= n * n
-        else:
-            raise ValueError(f"problem index out of range: {index}")
-    return prompts
-
-
-# ----------------------------------------------------------------------------------------------
-# Rewards: fn(prompts, completions) -> list[float]
-# ----------------------------------------------------------------------------------------------
-
-
-def _answer_text(completion: str) -> str:
-    """The completion up to a literal ``<eos>`` (if any), without surrounding whitespace."""
-    return completion.split(EOS_TOKEN, 1)[0].strip()
-
-
-def _check(prompts, completions, finished) -> None:
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    if finished is not None and len(finished) != len(completions):
-        raise ValueError(f"{len(finished)} finished flags for {len(completions)} completions")
-
-
-def format_reward(
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    *,
-    finished: Sequence[bool] | np.ndarray | None = None,
-) -> list[float]:
-    """1.0 where the completion is a number, ``-?[0-9]+`` (digits only, one optional leading minus),
-    else 0.0; with ``finished``, also 0.0 where the completion did not reach EOS.
-
-    Args:
-      prompts: N prompt texts (unused: the format does not depend on the question).
-      completions: N completion texts (special tokens skipped; a literal ``<eos>`` ends the text).
-      finished: optional N booleans, whether each completion ended with EOS.
-    """
-    _check(prompts, completions, finished)
-    out = [float(_NUMBER.fullmatch(_answer_text(c)) is not None) for c in completions]
-    if finished is not None:
-        out = [r * bool(f) for r, f in zip(out, finished)]
-    return out
-
-
-def correctness_reward(
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    *,
-    finished: Sequence[bool] | np.ndarray | None = None,
-) -> list[float]:
-    """1.0 where the completion is exactly the result of the prompt in canonical decimal (``"42"``,
-    ``"-14"``; not ``"042"``, ``"+42"`` or ``"-0"``), else 0.0; with ``finished``, also 0.0 where
-    the completion did not reach EOS. Arguments as :func:`format_reward`."""
-    _check(prompts, completions, finished)
-    out = [float(_answer_text(c) == answer(p)) for p, c in zip(prompts, completions)]
-    if finished is not None:
-        out = [r * bool(f) for r, f in zip(out, finished)]
-    return out
-
-
-def reward(
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    *,
-    finished: Sequence[bool] | np.ndarray | None = None,
-    format_weight: float = FORMAT_WEIGHT,
-) -> list[float]:
-    """correctness + w · format (w = 0.1): 1.1 right, 0.1 a wrong number, 0.0 anything else.
-    Arguments as :func:`format_reward`; the values are float32-representable fractions."""
-    correct = correctness_reward(prompts, completions, finished=finished)
-    formatted = format_reward(prompts, completions, finished=finished)
-    return [float(np.float32(c + format_weight * f)) for c, f in zip(correct, formatted)]
+__all__ = [
+    "CHARACTERS",
+    "FORMAT_WEIGHT",
+    "OPERATIONS",
+    "SPECIAL_TOKENS",
+    "UNK_TOKEN",
+    "ArithmeticTask",
+    "answer",
+    "build_arithmetic_task",
+    "char_tokenizer",
+    "correctness_reward",
+    "format_reward",
+    "parse_prompt",
+    "problem_space_size",
+    "problems",
+    "reward",
+    "sft_policy",
+    "signed_answers",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,7 +323,7 @@ def build_arithmetic_task(
     largest = {op: (max_factor if op == "*" else max_operand) for op in operations}
     widest_prompt = max(len(f"{n}{op}{n}=") for op, n in largest.items())
     widest_answer = max(
-        max(len(str(_APPLY[op](n, n))), len(str(_APPLY[op](0, n)))) for op, n in largest.items()
+        max(len(answer(f"{n}{op}{n}=")), len(answer(f"0{op}{n}="))) for op, n in largest.items()
     )
     config = DataConfig(
         max_prompt_length=widest_prompt,
@@ -475,71 +340,3 @@ def build_arithmetic_task(
         max_operand=max_operand,
         max_factor=max_factor,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Supervised warm-up of a tiny policy
-# ----------------------------------------------------------------------------------------------
-
-
-def signed_answers(prompts: Sequence[str], plus_sign_rate: float, *, seed: int = 0) -> list[str]:
-    """The right answers of ``prompts``, a seeded ``plus_sign_rate`` fraction of the non-negative
-    ones written with a ``"+"`` (``"42"`` → ``"+42"``): a demonstrator's habit (rate 0: canonical)."""
-    if not 0.0 <= plus_sign_rate <= 1.0:
-        raise ValueError(f"plus_sign_rate = {plus_sign_rate}: must be in [0, 1]")
-    signs = np.random.default_rng([seed, 7]).random(len(prompts)) < plus_sign_rate
-    answers = [answer(p) for p in prompts]
-    return [("+" + a if s and not a.startswith("-") else a) for a, s in zip(answers, signs)]
-
-
-def sft_policy(
-    task: ArithmeticTask,
-    *,
-    steps: int = 1600,
-    seed: int = 0,
-    batch_size: int = 64,
-    learning_rate: float = 3e-3,
-    num_examples: int | None = None,
-    plus_sign_rate: float = 0.0,
-    progress: bool = False,
-):
-    """A tiny GPT-2 (:func:`jaxrlhf.train.sft.tiny_model_config`: 2 layers, width 64) fine-tuned for
-    ``steps`` steps on ``prompt answer EOS`` examples (loss on the answer and EOS only), the start
-    of an RL run.
-
-    The defaults stop before the model has learnt the task, so that the held-out greedy accuracy
-    (:meth:`ArithmeticTask.evaluate`) leaves room for RL: 20–50% on the default task, in about 30 s
-    on one CPU core (measurements in the module docstring); more steps raise it.
-
-    Args:
-      task: the task (its training prompts are the examples).
-      steps: optimiser steps (cosine decay, 10% warm-up).
-      seed: the initial parameters and the batch order.
-      batch_size, learning_rate: as :class:`jaxrlhf.train.sft.SFTConfig`.
-      num_examples: train on only the first this many training prompts (None: all).
-      plus_sign_rate: fraction of the non-negative answers written with a ``"+"`` in the examples
-        (:func:`signed_answers`; a habit the exact reward penalises).
-      progress: show a progress bar.
-    Returns:
-      the trained ``jaxrlhf.models.CausalLM``.
-    """
-    from flax import nnx
-
-    from jaxrlhf.models import CausalLM
-    from jaxrlhf.train.sft import SFTConfig, tiny_model_config, train_sft
-
-    prompts = task.train_prompts[:num_examples]
-    completions = signed_answers(prompts, plus_sign_rate, seed=seed)
-    ids, mask, loss_mask, _ = task.sft_batch(prompts, completions)  # [N, P + R] each
-    width = task.max_prompt_length + task.max_new_tokens
-    model_config = tiny_model_config(task.vocab_size, max_position_embeddings=max(16, width))
-    model = CausalLM(model_config, rngs=nnx.Rngs(seed))
-    config = SFTConfig(
-        steps=steps,
-        batch_size=min(batch_size, len(prompts)),
-        learning_rate=learning_rate,
-        warmup_steps=steps // 10,
-        seed=seed,
-    )
-    policy, _ = train_sft(model, ids, mask, config, loss_mask=loss_mask, progress=progress)
-    return policy

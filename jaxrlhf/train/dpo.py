@@ -25,7 +25,13 @@ from jaxrlhf import rl
 from jaxrlhf.config import option, require
 from jaxrlhf.data.preference import PairBatch
 from jaxrlhf.train.loop import LoopConfig, fit
-from jaxrlhf.train.optim import OptimizerConfig, cosine_adamw
+from jaxrlhf.train.optim import (
+    SCHEDULES,
+    OptimizerConfig,
+    fit_supervised_batch,
+    note_warmup,
+    supervised_adamw,
+)
 from jaxrlhf.train.state import Means, init_train_state
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -35,13 +41,24 @@ LOSS_TYPES = ("sigmoid", "ipo")
 class DPOConfig(LoopConfig):
     """Direct preference optimisation on preference pairs."""
 
-    epochs: int = option(1, "Passes over the training pairs.")
-    batch_size: int = option(32, "Preference pairs per step.")
-    learning_rate: float = option(1e-5, "Peak AdamW learning rate (cosine decay).")
-    warmup_steps: int = option(10, "Linear learning-rate warm-up steps.")
+    epochs: int = option(3, "Passes over the training pairs (trl's default).")
+    batch_size: int = option(
+        8,
+        "Preference pairs per step, over all devices (trl's default: per_device_train_batch_size "
+        "8 on one device); more than the data has: all of it.",
+    )
+    learning_rate: float = option(1e-6, "Peak AdamW learning rate (trl's default).")
+    lr_schedule: str = option(
+        "linear", "Learning-rate schedule after the warm-up: constant | linear (trl's) | cosine."
+    )
+    warmup_steps: int = option(
+        0, "Linear learning-rate warm-up steps (trl's default); at most the run's steps − 1."
+    )
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value (0: no clip).")
-    beta: float = option(0.1, "β: the strength of the KL to the reference (the reward's scale).")
+    beta: float = option(
+        0.1, "β: the strength of the KL to the reference (the reward's scale; trl's default)."
+    )
     loss_type: str = option("sigmoid", "sigmoid (DPO) | ipo.")
     label_smoothing: float = option(0.0, "ε of conservative DPO: labels flipped with prob. ε.")
     eval_fraction: float = option(0.1, "Fraction of pairs held out (when the data has no split).")
@@ -52,6 +69,7 @@ class DPOConfig(LoopConfig):
         require(self.epochs >= 1, self, "epochs", "must be >= 1")
         require(self.batch_size >= 1, self, "batch_size", "must be >= 1")
         require(self.learning_rate > 0, self, "learning_rate", "must be > 0")
+        require(self.lr_schedule in SCHEDULES, self, "lr_schedule", f"must be one of {SCHEDULES}")
         require(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
         require(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
         require(self.max_grad_norm >= 0, self, "max_grad_norm", "must be >= 0 (0: no clip)")
@@ -61,7 +79,7 @@ class DPOConfig(LoopConfig):
         require(0 <= self.eval_fraction < 1, self, "eval_fraction", "must be in [0, 1)")
 
     def optimizer(self, total_steps: int) -> OptimizerConfig:
-        return cosine_adamw(self, total_steps)
+        return supervised_adamw(self, total_steps)
 
 
 def sequence_logprobs(model, ids, mask, prompt_length: int):
@@ -148,6 +166,8 @@ def train_dpo(model, pairs: PairBatch, config: DPOConfig, *, eval_pairs: PairBat
 
     Returns (trained model, metrics: per-step "loss", "accuracy" (implicit reward, training batch),
     "grad_norm", per-epoch "eval_accuracy" on held-out pairs, "num_train_pairs", "num_eval_pairs").
+    A ``batch_size`` above the training pairs trains on batches of all of them, and a warm-up
+    longer than the run is cut to its steps − 1; one line (stderr) says so.
     """
     from jaxrlhf.train.reward import split_indices, take_pairs
 
@@ -156,12 +176,9 @@ def train_dpo(model, pairs: PairBatch, config: DPOConfig, *, eval_pairs: PairBat
             len(pairs.chosen_ids), config.eval_fraction, config.seed
         )
         pairs, eval_pairs = take_pairs(pairs, train_index), take_pairs(pairs, eval_index)
+    config = fit_supervised_batch(config, len(pairs.chosen_ids), what="DPO", unit="training pairs")
     steps_per_epoch = len(pairs.chosen_ids) // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"DPOConfig.batch_size = {config.batch_size}: larger than the "
-            f"{len(pairs.chosen_ids)} training pairs"
-        )
+    note_warmup(config, steps_per_epoch * config.epochs, what="DPO")
     reference = nnx.clone(model)
     ref_chosen, ref_rejected = pair_logprobs(reference, pairs)  # once, before training
     graphdef, params = nnx.split(config.trainable(model))

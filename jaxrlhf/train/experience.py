@@ -103,25 +103,31 @@ def make_experience(
         temperature=temperature, rollout_logprobs=rollout_logprobs,
     )  # fmt: skip
     scores = scores.astype(jnp.float32)
+    rewards, advantages, returns = ppo_targets(
+        scores, logprobs, ref_logprobs, values, mask, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        gamma=gamma, lam=lam, whiten_rewards=whiten_rewards,
+    )  # fmt: skip
+    return Experience(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
+        response_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
+        scores=scores, rewards=rewards, advantages=advantages, returns=returns,
+    )  # fmt: skip
+
+
+def ppo_targets(scores, logprobs, ref_logprobs, values, mask, *, kl_coef, kl_estimator: str,
+                gamma: float, lam: float, whiten_rewards: bool):  # fmt: skip
+    """(rewards, advantages, returns) [B, N] each of a scored rollout:
+
+    rₜ = −β KLₜ(logπ_old, logπ_ref) + 1[t = last]·score   (whitened, mean kept, if asked)
+    Â, R = GAE(r, V_old; γ, λ);   Â ← whiten(Â)
+    """
     rewards = rl.kl_penalized_rewards(
         scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, kind=kl_estimator
     )  # [B, N]
     if whiten_rewards:
         rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = rl.gae(rewards, values, mask, gamma=gamma, lam=lam)  # [B, N] each
-    return Experience(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        response_ids=response_ids,
-        response_mask=mask,
-        logprobs=logprobs,
-        ref_logprobs=ref_logprobs,
-        values=values,
-        scores=scores,
-        rewards=rewards,
-        advantages=rl.masked_whiten(advantages, mask),
-        returns=returns,
-    )
+    return rewards, rl.masked_whiten(advantages, mask), returns
 
 
 def _score_tokens(

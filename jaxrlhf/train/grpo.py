@@ -42,6 +42,7 @@ from jaxrlhf.train.checkpoint import save_checkpoint
 from jaxrlhf.train.experience import RewardModelFn
 from jaxrlhf.train.grpo_config import GRPOConfig
 from jaxrlhf.train.loop import restore_run, run_iterations
+from jaxrlhf.train.optim import fit_rollout_batch
 from jaxrlhf.train.ppo import prompt_batch_indices
 from jaxrlhf.train.state import Means, ParallelStep, TrainState, init_train_state, run_steps
 
@@ -359,11 +360,10 @@ class GRPOTrainer:
                  prompt_ids, prompt_mask, *, eos_token_id=None, pad_token_id=0):  # fmt: skip
         self.config, self.reward_fn = config, reward_fn
         self.prompt_ids, self.prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
-        if len(self.prompt_ids) < config.batch_size:
-            raise ValueError(
-                f"{len(self.prompt_ids)} prompts cannot fill GRPOConfig.batch_size = "
-                f"{config.batch_size}"
-            )
+        # a batch the prompts fill, a warm-up the run holds (optim.fit_rollout_batch notes a cut)
+        self.config = config = fit_rollout_batch(
+            config, len(self.prompt_ids), what="GRPO", group_size=config.group_size
+        )
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.graphdef, params = nnx.split(actor)
         self.reference_graphdef, self.reference_state = nnx.split(reference)

@@ -18,11 +18,27 @@ ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 class GRPOConfig(LoopConfig):
     """Group-relative policy optimisation and its relatives (no critic)."""
 
-    num_iterations: int = option(100, "Iterations (one group rollout batch + its update each).")
-    batch_size: int = option(16, "Prompts per iteration (each sampled group_size times).")
-    group_size: int = option(8, "Samples G per prompt: the group whose rewards are the baseline.")
+    num_iterations: int = option(
+        100,
+        "Iterations (one group rollout batch + its update each; trl counts epochs of the prompts, "
+        "3 by default: about epochs × prompts / batch_size iterations).",
+    )
+    batch_size: int = option(
+        16,
+        "Prompts per iteration, each sampled group_size times (trl counts completions: its default "
+        "8 per device is one prompt per step); more than the prompts: the largest batch they fill "
+        "whose batch_size·group_size num_minibatches divides.",
+    )
+    group_size: int = option(
+        8,
+        "Samples G per prompt: the group whose rewards are the baseline (trl's num_generations).",
+    )
     num_minibatches: int = option(1, "Minibatches per epoch (must divide batch_size·group_size).")
-    epochs: int = option(1, "Passes over each rollout batch (μ); 1 keeps the update on-policy.")
+    epochs: int = option(
+        1,
+        "Passes over each rollout batch (μ; trl's num_iterations default); 1 keeps the update "
+        "on-policy.",
+    )
     max_new_tokens: int = option(32, "Response length N.")
     temperature: float = option(1.0, "Sampling temperature τ, also applied to every log-prob.")
     advantage: str = option(
@@ -35,12 +51,16 @@ class GRPOConfig(LoopConfig):
         "token_mean | seq_mean_token_mean (GRPO's paper) | seq_mean_token_sum | "
         "seq_mean_token_sum_norm (Dr. GRPO: Σ/(B·T), no length bias).",
     )
-    clip_eps: float = option(0.2, "Ratio clip ε (lower side, and upper unless clip_eps_high).")
+    clip_eps: float = option(
+        0.2, "Ratio clip ε (lower side, and upper unless clip_eps_high; trl's epsilon default)."
+    )
     clip_eps_high: float | None = option(None, "DAPO's clip-higher: upper clip 1 + ε_high.")
     importance_level: str = option(
         "token", "token (PPO/GRPO) | sequence (GSPO: one length-normalised ratio per response)."
     )
-    kl_coef: float = option(0.0, "β of the KL to the reference (0: no reference pass at all).")
+    kl_coef: float = option(
+        0.0, "β of the KL to the reference (0: no reference pass at all; trl's beta default)."
+    )
     kl_in: str = option("loss", "Where the KL goes: loss (GRPO's k3 term) | reward (per token).")
     tis_cap: float | None = option(
         None, "Truncated importance sampling: weight min(π_train/π_rollout, C) (None: off)."
@@ -48,12 +68,20 @@ class GRPOConfig(LoopConfig):
     dynamic_sampling: bool = option(
         False, "Drop groups whose rewards are all equal and resample (DAPO); up to 4 tries."
     )
-    learning_rate: float = option(1e-5, "Peak AdamW learning rate.")
-    lr_schedule: str = option("constant", "constant | linear | cosine.")
-    warmup_steps: int = option(0, "Linear warm-up optimiser steps.")
-    max_grad_norm: float | None = option(1.0, "Global-norm gradient clipping (None: off).")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    adam_eps: float = option(1e-8, "Adam ε.")
+    learning_rate: float = option(1e-6, "Peak AdamW learning rate (trl's default).")
+    lr_schedule: str = option(
+        "linear",
+        "constant | linear (trl's default) | cosine; constant lets a resumed run change "
+        "num_iterations.",
+    )
+    warmup_steps: int = option(
+        0, "Linear warm-up optimiser steps (trl's default); at most the run's steps − 1."
+    )
+    max_grad_norm: float | None = option(
+        1.0, "Global-norm gradient clipping (None: off; trl's default 1.0)."
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay (trl's default).")
+    adam_eps: float = option(1e-8, "Adam ε (trl's default).")
     seed: int = option(0, "Seed of rollouts, prompt order and minibatch shuffles.")
 
     def __post_init__(self):

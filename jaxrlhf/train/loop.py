@@ -18,9 +18,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxrlhf.config import option, require
+from jaxrlhf.logging import note
+from jaxrlhf.logging import progress as progress_bar
 from jaxrlhf.models.heads import with_precision
 from jaxrlhf.models.sharding import make_mesh, parse_mesh
 from jaxrlhf.train.checkpoint import latest_step, restore_checkpoint, save_checkpoint
@@ -38,8 +39,8 @@ class LoopConfig:
     )
     mesh: str | None = option(
         None,
-        "Device mesh for parallelism=mesh, e.g. data=2,fsdp=2,tensor=2 (the sizes multiply to the "
-        "number of devices; None: all devices on data).",
+        "Device mesh, e.g. data=2,fsdp=2,tensor=2 (the sizes multiply to the number of devices); "
+        "given alone it implies parallelism=mesh. None with parallelism=mesh: all devices on data.",
     )
     num_devices: int | None = option(None, "Devices for pmap/shard_map (None: all local).")
     compute_dtype: str = option(
@@ -60,6 +61,8 @@ class LoopConfig:
     )
 
     def __post_init__(self):
+        if self.mesh and self.parallelism == "single":  # a mesh given alone means run on it
+            object.__setattr__(self, "parallelism", "mesh")
         require(
             self.parallelism in PARALLELISM, self, "parallelism", f"must be one of {PARALLELISM}"
         )
@@ -214,20 +217,43 @@ def run_iterations(
     c = trainer.config
     total = c.num_iterations if num_iterations is None else num_iterations
     start = int(trainer.state.iteration)
-    history, guard = [], SkipGuard(c, "iteration")
-    bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc=desc)
+    history, guard, noted_k1 = [], SkipGuard(c, "iteration"), False
+    bar = progress_bar(
+        range(start, total),
+        initial=start,
+        total=total,
+        desc=desc,
+        what="iterations",
+        disable=not progress,
+    )
     for done in (it + 1 for it in bar):
         metrics = trainer.step()
         history.append(metrics)
         if callback is not None:
             callback(done, metrics)
         bar.set_postfix(postfix(metrics))
+        noted_k1 = noted_k1 or note_negative_k1(c, done, metrics)
         guard.check(done, metrics)  # stops after max_nonfinite_skips skipping iterations
         if c.checkpoint_dir and (
             (guard.clean and c.checkpoint_every and done % c.checkpoint_every == 0) or done == total
         ):
             trainer.save(c.checkpoint_dir)
     return history
+
+
+def note_negative_k1(config: Any, iteration: int, metrics: dict[str, float]) -> bool:
+    """Say once why ``objective/kl`` went negative: with ``kl_estimator = "k1"`` the per-token
+    estimate log π − log π_ref is unbiased for KL(π‖π_ref) ≥ 0 but any one batch of it can be
+    below 0; k3 = (r − 1) − log r with r = π_ref/π is ≥ 0 for every token. Returns whether it spoke."""
+    kl = metrics.get("objective/kl")
+    if getattr(config, "kl_estimator", None) != "k1" or kl is None or not kl < 0:
+        return False
+    note(
+        f"note: objective/kl = {kl:.4f} < 0 at iteration {iteration}: the k1 estimate "
+        "(log π − log π_ref, summed over sampled tokens) is unbiased but can be negative on a "
+        'batch; the true KL is not. k3 is never negative: kl_estimator="k3" (--ppo-kl-estimator k3).'
+    )
+    return True
 
 
 def epoch_batches(num_rows: int, batch_size: int, epoch: int, seed: int) -> np.ndarray:
@@ -267,7 +293,14 @@ def fit(
     start = int(state.step)
     guard = SkipGuard(config, "step")
     device_state = stepper.put_state(state)
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress)
+    bar = progress_bar(
+        range(start, steps),
+        initial=start,
+        total=steps,
+        desc=desc,
+        what="steps",
+        disable=not progress,
+    )
     for step in bar:
         idx = epoch_batches(num_rows, batch_size, step // per_epoch, seed)[step % per_epoch]
         batch = jax.tree.map(lambda x: np.asarray(x[idx]), data)  # noqa: B023

@@ -1,10 +1,17 @@
-"""The optimiser: Adam(W) with global-norm gradient clipping and a learning-rate schedule (optax)."""
+"""The optimiser: Adam(W) with global-norm gradient clipping and a learning-rate schedule (optax);
+and the fitting of a run to its data that every trainer shares: a batch the data can fill
+(:func:`fit_batch_size`) and a warm-up the run can hold (:func:`warmup_for_run`), each cut said in
+one line."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax
 import optax
+
+from jaxrlhf.logging import note
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -100,28 +107,118 @@ def check_scheduled_adamw(config) -> None:
 
 def scheduled_adamw(config, total_steps: int) -> OptimizerConfig:
     """The optimiser of an RL trainer config (PPOConfig, GRPOConfig): its ``learning_rate``,
-    ``lr_schedule``, ``warmup_steps``, ``max_grad_norm`` (None: off), ``weight_decay`` and
-    ``adam_eps``, over ``total_steps`` optimiser steps."""
+    ``lr_schedule``, ``warmup_steps`` (cut to the run: :func:`warmup_for_run`), ``max_grad_norm``
+    (None: off), ``weight_decay`` and ``adam_eps``, over ``total_steps`` optimiser steps."""
     return OptimizerConfig(
         learning_rate=config.learning_rate,
         total_steps=total_steps,
         schedule=config.lr_schedule,
-        warmup_steps=config.warmup_steps,
+        warmup_steps=warmup_for_run(config.warmup_steps, total_steps),
         max_grad_norm=config.max_grad_norm,
         weight_decay=config.weight_decay,
         eps=config.adam_eps,
     )
 
 
-def cosine_adamw(config, total_steps: int) -> OptimizerConfig:
-    """The optimiser of a supervised trainer config (SFT, reward model, DPO): AdamW with cosine
-    decay over ``total_steps``, its ``learning_rate``, ``warmup_steps`` (cut to the run),
-    ``weight_decay`` and ``max_grad_norm`` (0: no clipping)."""
+def supervised_adamw(config, total_steps: int) -> OptimizerConfig:
+    """The optimiser of a supervised trainer config (SFT, reward model, DPO): AdamW over
+    ``total_steps`` with its ``learning_rate``, ``lr_schedule``, ``warmup_steps`` (cut to the run:
+    :func:`warmup_for_run`), ``weight_decay`` and ``max_grad_norm`` (0: no clipping)."""
     return OptimizerConfig(
         learning_rate=config.learning_rate,
         total_steps=total_steps,
-        schedule="cosine",
-        warmup_steps=min(config.warmup_steps, total_steps - 1),
+        schedule=config.lr_schedule,
+        warmup_steps=warmup_for_run(config.warmup_steps, total_steps),
         max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else None,
         weight_decay=config.weight_decay,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting a run to its data: the batch and the warm-up (every trainer goes through these)
+# ----------------------------------------------------------------------------------------------
+
+
+def warmup_for_run(warmup_steps: int, total_steps: int) -> int:
+    """The warm-up a run of T = ``total_steps`` optimiser steps gets: w = min(warmup_steps, T − 1)
+    (≥ 0), so that η reaches its peak by the last step, t = T − 1, however long a warm-up was asked
+    for."""
+    return max(0, min(warmup_steps, total_steps - 1))
+
+
+def note_warmup(config, total_steps: int, *, what: str) -> int:
+    """:func:`warmup_for_run` of ``config.warmup_steps``, saying so in one line when it is cut."""
+    warmup = warmup_for_run(config.warmup_steps, total_steps)
+    if warmup < config.warmup_steps:
+        note(
+            f"{what}: warmup_steps {config.warmup_steps} ≥ the run's {total_steps} steps: "
+            f"warming up over {warmup}"
+        )
+    return warmup
+
+
+def batch_divisor_of(config) -> int:
+    """What the global batch of a ``LoopConfig`` must be a multiple of: the devices it is split
+    over (1 on one device; data × fsdp on a mesh)."""
+    if config.parallelism == "single":
+        return 1
+    if config.parallelism == "pmap":
+        return config.num_devices or jax.local_device_count()
+    if config.parallelism == "shard_map":
+        return config.num_devices or jax.device_count()
+    from jaxrlhf.models.sharding import batch_divisor
+
+    return batch_divisor(config.device_mesh())
+
+
+def fit_batch_size(config, available: int, *, what: str, unit: str, multiple_of: int = 1,
+                   field: str = "batch_size", needs: str = ""):  # fmt: skip
+    """``config`` with a ``batch_size`` the data can fill (a frozen config: a new one by
+    ``dataclasses.replace``, validated again).
+
+    batch_size ≤ available: ``config`` itself. Otherwise the largest multiple of ``multiple_of``
+    (what minibatches and devices need) that is ≤ ``available``, said in one line; when there is
+    none, a ValueError naming ``field`` (``needs``: why the multiple). ``what`` names the trainer
+    and ``unit`` the rows ("training sequences", "prompts") in the messages.
+    """
+    requested = config.batch_size
+    if requested <= available:
+        return config
+    size = available // multiple_of * multiple_of
+    if size < 1:
+        raise ValueError(
+            f"{type(config).__name__}.{field} = {getattr(config, field)}: the {available} {unit} "
+            f"cannot fill one batch" + (f" ({needs})" if needs else "")
+        )
+    note(f"{what}: batch_size {requested} > the {available} {unit}: training on batches of {size}")
+    return dataclasses.replace(config, batch_size=size)
+
+
+def fit_supervised_batch(config, available: int, *, what: str, unit: str):
+    """:func:`fit_batch_size` for SFT, the reward model and DPO: a multiple of the devices."""
+    devices = batch_divisor_of(config)
+    if devices == 1:
+        return fit_batch_size(config, available, what=what, unit=unit)
+    return fit_batch_size(
+        config, available, what=what, unit=unit, multiple_of=devices,
+        field="mesh" if config.parallelism == "mesh" else "num_devices",
+        needs=f"a multiple of the {devices} devices the batch is split over",
+    )  # fmt: skip
+
+
+def fit_rollout_batch(config, num_prompts: int, *, what: str, group_size: int = 1):
+    """:func:`fit_batch_size` for the RL trainers (PPOConfig, GRPOConfig): prompts per iteration,
+    each answered ``group_size`` times, so that ``num_minibatches`` minibatches of whole-device
+    shares cut the batch·group_size rollouts: batch_size · G a multiple of M · devices, i.e.
+    batch_size a multiple of M·d / gcd(G, M·d). Also notes a warm-up cut to the run's
+    iterations × epochs × minibatches optimiser steps (:func:`note_warmup`)."""
+    split = config.num_minibatches * batch_divisor_of(config)
+    multiple = split // math.gcd(group_size, split)
+    rows = "batch_size" if group_size == 1 else f"batch_size·group_size ({group_size})"
+    config = fit_batch_size(
+        config, num_prompts, what=what, unit="prompts", multiple_of=multiple,
+        field="batch_size" if multiple == 1 else "num_minibatches",
+        needs=f"{rows} must be a multiple of num_minibatches × devices = {split}",
+    )  # fmt: skip
+    note_warmup(config, config.optimizer.total_steps, what=what)
+    return config

@@ -42,6 +42,7 @@ from jaxrlhf.rollout import sample
 from jaxrlhf.train.checkpoint import save_checkpoint
 from jaxrlhf.train.experience import missing_eos_penalty, reward_model_fn, score_rollout
 from jaxrlhf.train.loop import restore_run, run_iterations
+from jaxrlhf.train.optim import fit_rollout_batch
 from jaxrlhf.train.ppo_config import PPOConfig, resume_may_change
 from jaxrlhf.train.ppo_loss import PPOLoss
 from jaxrlhf.train.state import TrainState, init_train_state, put_batch, run_steps
@@ -187,6 +188,8 @@ class PPOTrainer:
             )
         self.config, self.reward_fn = config, reward_fn
         self.prompt_ids, self.prompt_mask = _check_prompts(prompt_ids, prompt_mask, config)
+        # a batch the prompts fill, a warm-up the run holds (optim.fit_rollout_batch notes a cut)
+        self.config = config = fit_rollout_batch(config, len(self.prompt_ids), what="PPO")
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.eos_penalty = config.missing_eos_penalty
         if self.eos_penalty is not None and eos_token_id is None:
@@ -404,9 +407,5 @@ def _check_prompts(prompt_ids, prompt_mask, config: PPOConfig):
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(
             f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must be [N, P]"
-        )
-    if prompt_ids.shape[0] < config.batch_size:
-        raise ValueError(
-            f"{prompt_ids.shape[0]} prompts cannot fill PPOConfig.batch_size = {config.batch_size}"
         )
     return prompt_ids, prompt_mask

@@ -21,10 +21,21 @@ CRITIC_INITS = ("sft", "reward_model")
 class PPOConfig(LoopConfig):
     """PPO for RLHF: rollouts, rewards, the clipped update, the KL penalty, devices, checkpoints."""
 
-    num_iterations: int = option(100, "PPO iterations (one rollout batch + its update each).")
-    batch_size: int = option(64, "Prompts, hence rollouts, per iteration.")
-    num_minibatches: int = option(1, "Minibatches per PPO epoch (must divide batch_size).")
-    ppo_epochs: int = option(4, "Passes over each rollout batch.")
+    num_iterations: int = option(
+        100,
+        "PPO iterations (one rollout batch + its update each; trl counts episodes, by default 3 "
+        "epochs of the prompts: about epochs × prompts / batch_size iterations).",
+    )
+    batch_size: int = option(
+        8,
+        "Prompts, hence rollouts, per iteration (trl's default on one device: "
+        "per_device_train_batch_size 8 × num_mini_batches 1); more than the prompts: the largest "
+        "batch they fill that num_minibatches and the devices divide.",
+    )
+    num_minibatches: int = option(
+        1, "Minibatches per PPO epoch (must divide batch_size; trl's default)."
+    )
+    ppo_epochs: int = option(4, "Passes over each rollout batch (trl's default).")
     max_new_tokens: int = option(32, "Response length N (tokens generated per prompt).")
     temperature: float = option(1.0, "Sampling temperature τ, also applied to every log-prob.")
     top_k: int | None = option(
@@ -33,26 +44,42 @@ class PPOConfig(LoopConfig):
     top_p: float | None = option(
         None, "Must stay None: nucleus sampling would make PPO off-policy (see __post_init__)."
     )
-    learning_rate: float = option(1e-5, "Peak Adam learning rate.")
-    lr_schedule: str = option("linear", "Learning-rate schedule: constant | linear | cosine.")
-    warmup_steps: int = option(0, "Linear warm-up optimiser steps.")
-    max_grad_norm: float | None = option(1.0, "Global-norm gradient clipping (None: off).")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    adam_eps: float = option(1e-5, "Adam ε.")
-    clip_eps: float = option(0.2, "PPO ratio clip ε.")
-    value_clip_eps: float | None = option(0.2, "Value clip ε around rollout values (None: off).")
+    learning_rate: float = option(3e-6, "Peak Adam learning rate (trl's default).")
+    lr_schedule: str = option(
+        "linear", "Learning-rate schedule: constant | linear (trl's default) | cosine."
+    )
+    warmup_steps: int = option(
+        0, "Linear warm-up optimiser steps (trl's default); at most the run's steps − 1."
+    )
+    max_grad_norm: float | None = option(
+        1.0, "Global-norm gradient clipping (None: off; trl's default 1.0)."
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay (trl's default).")
+    adam_eps: float = option(
+        1e-5, "Adam ε (PPO's usual 1e-5, Huang et al. 2022's N+ details; trl inherits 1e-8)."
+    )
+    clip_eps: float = option(0.2, "PPO ratio clip ε (trl's cliprange default).")
+    value_clip_eps: float | None = option(
+        0.2, "Value clip ε around rollout values (None: off; trl's cliprange_value default)."
+    )
     vf_coef: float = option(
         0.1, "Value-loss coefficient c₁ (our value loss has no ½: trl's vf_coef is twice ours)."
     )
     ent_coef: float = option(0.0, "Entropy-bonus coefficient c₂.")
-    gamma: float = option(1.0, "Discount γ.")
-    lam: float = option(0.95, "GAE λ.")
-    kl_coef: float = option(0.05, "KL penalty coefficient β (initial value when adaptive).")
-    kl_estimator: str = option("k1", "Per-token KL estimator in the reward: k1 | k3.")
+    gamma: float = option(1.0, "Discount γ (trl's default).")
+    lam: float = option(0.95, "GAE λ (trl's default).")
+    kl_coef: float = option(
+        0.05, "KL penalty coefficient β (initial value when adaptive; trl's default)."
+    )
+    kl_estimator: str = option(
+        "k1", "Per-token KL estimator in the reward: k1 (trl's default) | k3."
+    )
     adaptive_kl: bool = option(False, "Adapt β towards kl_target (Ziegler et al. 2019).")
     kl_target: float = option(6.0, "Adaptive KL: target KL per sequence.")
     kl_horizon: float = option(10000.0, "Adaptive KL: horizon in samples.")
-    whiten_rewards: bool = option(False, "Whiten the per-token rewards before GAE.")
+    whiten_rewards: bool = option(
+        False, "Whiten the per-token rewards before GAE (trl's default: off)."
+    )
     recompute_logprobs: bool = option(
         True,
         "Recompute log π_old by a full forward (first ratio exactly 1); False reuses the "

@@ -36,7 +36,13 @@ from jaxrlhf.config import option, require
 from jaxrlhf.data.preference import PairBatch
 from jaxrlhf.rl import bradley_terry_loss
 from jaxrlhf.train.loop import LoopConfig, fit
-from jaxrlhf.train.optim import OptimizerConfig, cosine_adamw
+from jaxrlhf.train.optim import (
+    SCHEDULES,
+    OptimizerConfig,
+    fit_supervised_batch,
+    note_warmup,
+    supervised_adamw,
+)
 from jaxrlhf.train.state import Means, init_train_state
 
 
@@ -44,10 +50,19 @@ from jaxrlhf.train.state import Means, init_train_state
 class RewardConfig(LoopConfig):
     """Hyperparameters of reward-model training."""
 
-    epochs: int = option(2, "Passes over the training pairs.")
-    batch_size: int = option(32, "Preference pairs per step (2× sequences per forward pass).")
-    learning_rate: float = option(1e-3, "Peak AdamW learning rate (cosine decay).")
-    warmup_steps: int = option(10, "Linear learning-rate warm-up steps.")
+    epochs: int = option(3, "Passes over the training pairs (trl's default).")
+    batch_size: int = option(
+        8,
+        "Preference pairs per step, over all devices (2× sequences per forward pass; trl's "
+        "default: per_device_train_batch_size 8 on one device); more than the data has: all of it.",
+    )
+    learning_rate: float = option(1e-4, "Peak AdamW learning rate (trl's default).")
+    lr_schedule: str = option(
+        "linear", "Learning-rate schedule after the warm-up: constant | linear (trl's) | cosine."
+    )
+    warmup_steps: int = option(
+        0, "Linear learning-rate warm-up steps (trl's default); at most the run's steps − 1."
+    )
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value (0: no clip).")
     margin: float = option(0.0, "Bradley-Terry margin m: loss −log σ(r_c − r_r − m).")
@@ -66,6 +81,7 @@ class RewardConfig(LoopConfig):
         require(self.epochs >= 1, self, "epochs", "must be >= 1")
         require(self.batch_size >= 1, self, "batch_size", "must be >= 1")
         require(self.learning_rate > 0, self, "learning_rate", "must be > 0")
+        require(self.lr_schedule in SCHEDULES, self, "lr_schedule", f"must be one of {SCHEDULES}")
         require(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
         require(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
         require(self.max_grad_norm >= 0, self, "max_grad_norm", "must be >= 0")
@@ -79,8 +95,8 @@ class RewardConfig(LoopConfig):
         require(0 <= self.eval_fraction < 1, self, "eval_fraction", "must be in [0, 1)")
 
     def optimizer(self, total_steps: int) -> OptimizerConfig:
-        """AdamW with cosine decay over ``total_steps`` (epochs × steps per epoch)."""
-        return cosine_adamw(self, total_steps)
+        """AdamW with the learning-rate schedule over ``total_steps`` (epochs × steps per epoch)."""
+        return supervised_adamw(self, total_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +251,11 @@ def take_pairs(pairs: PairBatch, index: np.ndarray) -> PairBatch:
 
 def _split_pairs(pairs, margins, config: RewardConfig, eval_pairs):
     """(training pairs, their margins [N], held-out pairs or None), validating the margins."""
+    if config.margin_from_scores and margins is None:
+        raise ValueError(
+            "RewardConfig.margin_from_scores = True: pass the margins (score_chosen − "
+            "score_rejected), which only scored data has"
+        )
     n = len(pairs.chosen_ids)
     margins = np.full(n, config.margin, np.float32) if margins is None else np.asarray(margins)
     if margins.shape != (n,):
@@ -244,11 +265,6 @@ def _split_pairs(pairs, margins, config: RewardConfig, eval_pairs):
         train_index, eval_index = split_indices(n, config.eval_fraction, config.seed)
         pairs, eval_pairs = take_pairs(pairs, train_index), take_pairs(pairs, eval_index)
         margins = margins[train_index]
-    if len(margins) < config.batch_size:
-        raise ValueError(
-            f"RewardConfig.batch_size = {config.batch_size}: larger than the "
-            f"{len(margins)} training pairs"
-        )
     return pairs, margins, eval_pairs
 
 
@@ -283,19 +299,18 @@ def train_reward_model(
         replace ``config.margin``.
       eval_pairs: held-out pairs; if None, ``config.eval_fraction`` of ``pairs`` is held out.
       progress: show a tqdm progress bar.
+    A ``batch_size`` above the training pairs trains on batches of all of them, and a warm-up
+    longer than the run is cut to its steps − 1; one line (stderr) says so.
     Returns:
       (trained model, metrics): ``loss``, ``accuracy``, ``grad_norm`` (per step, on the training
       batch), ``eval_accuracy``, ``eval_loss`` (held-out accuracy and Bradley-Terry loss without
       margin, after each epoch), ``num_train_pairs``, ``num_eval_pairs``.
     """
-    if config.margin_from_scores and margins is None:
-        raise ValueError(
-            "RewardConfig.margin_from_scores = True: pass the margins (score_chosen − "
-            "score_rejected), which only scored data has"
-        )
     pairs, margins, eval_pairs = _split_pairs(pairs, margins, config, eval_pairs)
+    config = fit_supervised_batch(config, len(margins), what="reward model", unit="training pairs")
     steps_per_epoch = len(margins) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
+    note_warmup(config, total_steps, what="reward model")
     graphdef, params = nnx.split(config.trainable(reward_model))
     optimizer = config.optimizer(total_steps)
     loss = BradleyTerryLoss(graphdef, config.center_rewards_coefficient)
@@ -317,13 +332,19 @@ def train_reward_model(
         progress=progress,
         callback=after_step,
     )
-    metrics: dict[str, Any] = {
+    metrics = reward_metrics(history, evals, len(margins), eval_pairs)
+    return nnx.merge(graphdef, state.params), metrics
+
+
+def reward_metrics(history, evals, num_train: int, eval_pairs) -> dict[str, Any]:
+    """The metrics :func:`train_reward_model` returns, from fit's per-step history and the
+    per-epoch held-out evaluations."""
+    return {
         "loss": [m["loss"] for m in history],
         "accuracy": [m["rm/accuracy"] for m in history],
         "grad_norm": [m["grad_norm"] for m in history],
         "nonfinite_skipped": [m["nonfinite_skipped"] for m in history],
         **{k: [e[k] for e in evals] for k in ("eval_accuracy", "eval_loss")},
-        "num_train_pairs": len(margins),
+        "num_train_pairs": num_train,
         "num_eval_pairs": 0 if eval_pairs is None else len(eval_pairs.chosen_ids),
     }
-    return nnx.merge(graphdef, state.params), metrics

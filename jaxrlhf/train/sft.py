@@ -31,7 +31,13 @@ from flax import nnx
 from jaxrlhf.config import option, require
 from jaxrlhf.rl import masked_sum, token_logprobs
 from jaxrlhf.train.loop import LoopConfig, fit
-from jaxrlhf.train.optim import OptimizerConfig, cosine_adamw
+from jaxrlhf.train.optim import (
+    SCHEDULES,
+    OptimizerConfig,
+    fit_supervised_batch,
+    note_warmup,
+    supervised_adamw,
+)
 from jaxrlhf.train.state import Means, init_train_state
 
 
@@ -39,10 +45,23 @@ from jaxrlhf.train.state import Means, init_train_state
 class SFTConfig(LoopConfig):
     """Hyperparameters of supervised fine-tuning on a text corpus."""
 
-    steps: int = option(300, "Number of optimiser steps.")
-    batch_size: int = option(64, "Sequences per step.")
-    learning_rate: float = option(3e-3, "Peak AdamW learning rate (cosine decay).")
-    warmup_steps: int = option(30, "Linear learning-rate warm-up steps.")
+    steps: int = option(
+        300,
+        "Number of optimiser steps (trl counts epochs, 3 by default; we count steps: about "
+        "epochs × sequences / batch_size).",
+    )
+    batch_size: int = option(
+        8,
+        "Sequences per step, over all devices (trl's default: per_device_train_batch_size 8 on "
+        "one device); more than the data has: all of it.",
+    )
+    learning_rate: float = option(2e-5, "Peak AdamW learning rate (trl's default).")
+    lr_schedule: str = option(
+        "linear", "Learning-rate schedule after the warm-up: constant | linear (trl's) | cosine."
+    )
+    warmup_steps: int = option(
+        0, "Linear learning-rate warm-up steps (trl's default); at most the run's steps − 1."
+    )
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value (0: no clip).")
     seed: int = option(0, "Seed of the batch shuffling and the held-out split.")
@@ -63,7 +82,8 @@ class SFTConfig(LoopConfig):
         require(self.steps >= 1, self, "steps", "must be >= 1")
         require(self.batch_size >= 1, self, "batch_size", "must be >= 1")
         require(self.learning_rate > 0, self, "learning_rate", "must be > 0")
-        require(0 <= self.warmup_steps < self.steps, self, "warmup_steps", "must be in [0, steps)")
+        require(self.lr_schedule in SCHEDULES, self, "lr_schedule", f"must be one of {SCHEDULES}")
+        require(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
         require(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
         require(self.max_grad_norm >= 0, self, "max_grad_norm", "must be >= 0")
         require(0 <= self.eval_fraction < 1, self, "eval_fraction", "must be in [0, 1)")
@@ -71,10 +91,11 @@ class SFTConfig(LoopConfig):
 
     @property
     def optimizer(self) -> OptimizerConfig:
-        return cosine_adamw(self, self.steps)  # (warmup_steps < steps is validated above)
+        return supervised_adamw(self, self.steps)  # (warm-up cut to the run: optim.warmup_for_run)
 
 
-# The `jaxrlhf sft` command's defaults: a held-out fraction when the data has no test split.
+# The `jaxrlhf sft` command's defaults: SFTConfig's (trl's), with a held-out fraction when the data
+# has no test split.
 SFT_DEFAULTS = SFTConfig(eval_fraction=0.05)
 
 
@@ -174,6 +195,9 @@ def train_sft(
 ) -> tuple[Any, dict[str, Any]]:
     """Train a CausalLM on fixed-shape sequences by next-token prediction.
 
+    A ``batch_size`` above the training sequences trains on batches of all of them, and a warm-up
+    longer than the run warms up over ``steps − 1``; one line (stderr) says so.
+
     Args:
       model: a ``jaxrlhf.models.CausalLM`` (not modified; a trained copy is returned).
       input_ids: [N, T] int token ids (padded).
@@ -192,6 +216,35 @@ def train_sft(
       metrics["grad_norm"], metrics["num_train"], and with held-out data metrics["eval_loss"]
       (list: every ``config.eval_every`` steps and at the end) and metrics["num_eval"].
     """
+    data, eval_data = sft_data(input_ids, attention_mask, loss_mask, eval_data, config)
+    config = fit_supervised_batch(config, len(data[0]), what="SFT", unit="training sequences")
+    note_warmup(config, config.steps, what="SFT")
+    graphdef, params = nnx.split(config.trainable(model))
+    evals: list[float] = []
+    state, history = fit(
+        config.train_step(NextTokenLoss(graphdef), config.optimizer, params),
+        init_train_state(params, config.optimizer),
+        data,
+        batch_size=config.batch_size,
+        steps=config.steps,
+        seed=config.seed,
+        config=config,
+        desc="sft",
+        progress=progress,
+        callback=held_out_callback(graphdef, eval_data, config, callback, evals),
+    )
+    metrics: dict[str, Any] = {
+        name: [m[name] for m in history] for name in ("loss", "grad_norm", "nonfinite_skipped")
+    }
+    metrics["num_train"] = len(data[0])
+    if eval_data is not None:
+        metrics.update(eval_loss=evals, num_eval=len(eval_data[0]))
+    return nnx.merge(graphdef, state.params), metrics
+
+
+def sft_data(input_ids, attention_mask, loss_mask, eval_data, config: SFTConfig):
+    """(training arrays (input_ids, attention_mask[, loss_mask]) [N, T], held-out arrays or None):
+    without held-out data, ``config.eval_fraction`` of the rows are held out; none: None."""
     chex.assert_rank([input_ids, attention_mask], 2)
     chex.assert_equal_shape([input_ids, attention_mask])
     data = (np.asarray(input_ids), np.asarray(attention_mask))
@@ -205,13 +258,15 @@ def train_sft(
         data, eval_data = (tuple(a[i] for a in data) for i in (train_index, eval_index))
     if eval_data is not None and len(eval_data[0]) == 0:
         eval_data = None
-    if len(data[0]) < config.batch_size:
-        raise ValueError(
-            f"SFTConfig.batch_size = {config.batch_size}: larger than the {len(data[0])} "
-            "training sequences"
-        )
-    graphdef, params = nnx.split(config.trainable(model))
-    evals: list[float] = []
+    return data, eval_data
+
+
+def held_out_callback(graphdef, eval_data, config: SFTConfig, callback, evals: list[float]):
+    """``fit``'s callback: the held-out loss (appended to ``evals``, and as ``eval/loss`` in the
+    metrics) every ``config.eval_every`` steps and at the end, then ``callback(step, metrics)``;
+    None when there is neither held-out data nor a callback."""
+    if eval_data is None and callback is None:
+        return None
 
     def after_step(step, metrics, state):
         if eval_data is not None and (
@@ -222,23 +277,4 @@ def train_sft(
         if callback is not None:
             callback(step, metrics)
 
-    stepper = config.train_step(NextTokenLoss(graphdef), config.optimizer, params)
-    state, history = fit(
-        stepper,
-        init_train_state(params, config.optimizer),
-        data,
-        batch_size=config.batch_size,
-        steps=config.steps,
-        seed=config.seed,
-        config=config,
-        desc="sft",
-        progress=progress,
-        callback=after_step if eval_data is not None or callback is not None else None,
-    )
-    metrics: dict[str, Any] = {
-        name: [m[name] for m in history] for name in ("loss", "grad_norm", "nonfinite_skipped")
-    }
-    metrics["num_train"] = len(data[0])
-    if eval_data is not None:
-        metrics.update(eval_loss=evals, num_eval=len(eval_data[0]))
-    return nnx.merge(graphdef, state.params), metrics
+    return after_step

@@ -1,22 +1,44 @@
-"""The ``jaxrlhf collect`` command: the seed's labelling step, by a person in a local web page or by
-a labeler without one (a Python rule, a reward model).
+"""The ``jaxrlhf collect`` command: InstructGPT's labelling step (Ouyang et al. 2022), by a person in
+a local web page or by a labeler without one (a Python rule, a reward model).
 
     jaxrlhf collect --policy DIR --prompts FILE --out prefs.jsonl            # a person labels
     jaxrlhf collect ... --labeler rule:jaxrlhf.collect.labelers:demo_annotator
     jaxrlhf collect ... --labeler reward-model:rm/reward_model               # AI feedback
 
-The first run samples ``--num-samples`` responses per prompt at ``--temperature`` and writes the
-candidate pairs to ``OUT.candidates.jsonl``; every run (the same flags) then continues with the
-pairs not labelled yet. ``OUT`` is what ``train-rm --data`` reads; ties and skips go to
+The first run samples ``--collect-num-samples`` responses per prompt at ``--collect-temperature``
+and writes the candidate pairs to ``OUT.candidates.jsonl``; every run (the same flags) then continues
+with the pairs not labelled yet, on the same page address (the port is fixed by OUT, so an open tab
+keeps working across restarts). ``OUT`` is what ``train-rm --data`` reads; ties and skips go to
 ``OUT.skipped.jsonl`` (see :mod:`jaxrlhf.collect.store`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+import zlib
+
+from jaxrlhf.cli.common import (
+    DATA_HELP,
+    MODEL_HELP,
+    add_config,
+    check_prompts_fit,
+    get_config,
+    model_dir,
+    note,
+    print_summary,
+    wrote,
+)
+
+PORTS = (20000, 30000)  # the default page port is in this range, fixed by the OUT file
+
+
+def default_port(out_file: str) -> int:
+    """The page's port for ``out_file``: the same on every run of the same command (an open tab
+    survives a restart), different for another OUT (two collections side by side)."""
+    low, high = PORTS
+    return low + zlib.crc32(os.path.abspath(out_file).encode()) % (high - low)
 
 
 def _sampling_record(args, config) -> dict:
@@ -37,28 +59,21 @@ def _sampling_record(args, config) -> dict:
 
 def _sample(args, config, data_config, sampling: dict) -> None:
     """Sample the candidate pairs of a new OUT and write OUT.candidates.jsonl."""
-    from jaxrlhf.cli import _check_positions, _load_tokenizer, _longest, _model_dir, _note
     from jaxrlhf.collect.candidates import sample_candidates
     from jaxrlhf.collect.store import candidates_path, write_candidates
     from jaxrlhf.data.formats import load_prompt_dataset
     from jaxrlhf.data.preference import tokenize_prompts
     from jaxrlhf.models.hf import from_pretrained
+    from jaxrlhf.models.tokenizer import load_tokenizer
 
-    policy = _model_dir(args.policy, "policy")
-    tokenizer = _load_tokenizer(policy)
-    rows = load_prompt_dataset(args.prompts, data_config, report=_note)
+    policy = model_dir(args.policy, "policy")
+    tokenizer = load_tokenizer(policy)
+    rows = load_prompt_dataset(args.prompts, data_config, report=note, tokenizer=tokenizer)
     prompts = [row["prompt"] for row in rows][: config.max_prompts]
     batch = tokenize_prompts([{"prompt": p} for p in prompts], tokenizer, data_config,
                              source=args.prompts)  # fmt: skip
-    width = batch.input_ids.shape[1]
-    _check_positions(
-        policy,
-        width + config.max_new_tokens,
-        what=f"prompts padded to {width} tokens (the longest has {_longest(batch.attention_mask)})"
-        f" + --max-new-tokens {config.max_new_tokens}",
-        fixes="lower --max-new-tokens, or --data-max-prompt-length (with --data-truncate)",
-    )
-    _note(f"sampling {config.num_samples} responses to each of {len(prompts)} prompts "
+    check_prompts_fit((policy,), batch, config.max_new_tokens, "--collect-max-new-tokens")
+    note(f"sampling {config.num_samples} responses to each of {len(prompts)} prompts "
           f"(temperature {config.temperature}) …")  # fmt: skip
     pairs, dropped = sample_candidates(
         from_pretrained(policy), tokenizer, prompts, config, data_config, source=args.prompts
@@ -66,10 +81,10 @@ def _sample(args, config, data_config, sampling: dict) -> None:
     if not pairs:
         raise SystemExit(
             f"error: no usable pairs: all {len(prompts) * config.num_samples} samples were empty, "
-            f"cut off before EOS (--max-new-tokens {config.max_new_tokens}) or duplicates"
+            f"cut off before EOS (--collect-max-new-tokens {config.max_new_tokens}) or duplicates"
         )
     write_candidates(args.out_file, pairs, sampling)
-    _note(f"{candidates_path(args.out_file)}: {len(pairs)} candidate pairs ({dropped} of "
+    note(f"{candidates_path(args.out_file)}: {len(pairs)} candidate pairs ({dropped} of "
           f"{len(prompts) * config.num_samples} samples dropped: empty, cut off or duplicates)")  # fmt: skip
 
 
@@ -79,10 +94,14 @@ def _serve(args, store) -> None:
 
     from jaxrlhf.collect.server import LabelServer
 
+    port = default_port(args.out_file) if args.port is None else args.port
     try:
-        server = LabelServer(store, port=args.port, quiet=not args.verbose)
+        server = LabelServer(store, port=port, quiet=not args.verbose)
     except OSError as err:
-        raise ValueError(f"--port {args.port}: cannot listen on 127.0.0.1: {err}") from None
+        raise ValueError(
+            f"--port {port}: cannot listen on 127.0.0.1 ({err}); give another --port (0: any free "
+            "one)"
+        ) from None
     counts = store.counts()
     print(f"Label {counts['total'] - counts['labeled']} pairs at {server.url}  (127.0.0.1 only; "
           "keys 1 left, 2 right, 0 tie, s skip, u undo; Ctrl-C stops)", file=sys.stderr,
@@ -106,7 +125,6 @@ def _serve(args, store) -> None:
 
 
 def cmd_collect(args) -> int:
-    from jaxrlhf.cli import _get, _note
     from jaxrlhf.collect.candidates import CollectConfig
     from jaxrlhf.collect.store import (
         LabelStore,
@@ -118,7 +136,7 @@ def cmd_collect(args) -> int:
     )
     from jaxrlhf.data.preference import DataConfig
 
-    config, data_config = _get(args, CollectConfig), _get(args, DataConfig)
+    config, data_config = get_config(args, CollectConfig), get_config(args, DataConfig)
     if os.path.isdir(args.out_file):
         raise ValueError(
             f"--out {args.out_file}: is a directory; give the preference file to write, e.g. "
@@ -145,7 +163,7 @@ def cmd_collect(args) -> int:
         store = LabelStore(args.out_file)
         counts = store.counts()
         if counts["labeled"]:
-            _note(f"{args.out_file}: continuing, {counts['labeled']} of {counts['total']} pairs "
+            note(f"{args.out_file}: continuing, {counts['labeled']} of {counts['total']} pairs "
                   "labelled already")  # fmt: skip
         if labeler is not None:
             pending = store.pending()
@@ -162,25 +180,28 @@ def cmd_collect(args) -> int:
         "out": args.out_file,
         "skipped_file": skipped_path(args.out_file),
     }
-    print(json.dumps(summary, indent=2), flush=True)
+    print_summary(summary)
+    wrote(os.path.dirname(os.path.abspath(args.out_file)), preferences=args.out_file,
+          skipped=skipped_path(args.out_file))  # fmt: skip
     return 0
 
 
-def add_collect_parser(sub, add, data_help: str, model_help: str) -> None:
-    """The ``collect`` subcommand (``add(parser, Config)`` adds a config's flags)."""
+def add_collect_parser(sub) -> None:
+    """The ``collect`` subcommand."""
     from jaxrlhf.collect.candidates import CollectConfig
     from jaxrlhf.data.preference import DataConfig
 
     collect = sub.add_parser(
         "collect",
         help="label pairs of policy samples (a local web page, or --labeler) for train-rm",
-        description=__doc__.split("\n\n")[0],
+        description="Label pairs of policy samples for train-rm: a person in a local web page, or "
+        "--labeler (a Python rule, a reward model). Run the same command again to continue.",
     )
-    collect.add_argument("--policy", required=True, help=model_help + " of the policy to sample")
+    collect.add_argument("--policy", required=True, help=MODEL_HELP + " of the policy to sample")
     collect.add_argument(
         "--prompts",
         required=True,
-        help=data_help + " (a prompt column, or preference pairs with implicit prompts)",
+        help=DATA_HELP + " (a prompt column, or preference pairs with implicit prompts)",
     )
     collect.add_argument(
         "--out",
@@ -196,11 +217,16 @@ def add_collect_parser(sub, add, data_help: str, model_help: str) -> None:
         "or None (tie), e.g. rule:jaxrlhf.collect.labelers:demo_annotator; or reward-model:DIR "
         "(a train-rm reward model; the higher score wins)",
     )
-    collect.add_argument("--port", type=int, default=0,
-                         help="port of the page on 127.0.0.1 (default: 0, a free one)")  # fmt: skip
+    collect.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"port of the page on 127.0.0.1 (default: one in {PORTS[0]}–{PORTS[1] - 1} fixed by "
+        "OUT, the same on every run; 0: any free one)",
+    )
     collect.add_argument("--open", action=argparse.BooleanOptionalAction, default=False,
                          help="open the page in the default web browser (default: print the URL)")  # fmt: skip
     collect.add_argument("--verbose", action="store_true", help="log every HTTP request")
-    add(collect, CollectConfig)
-    add(collect, DataConfig)
+    add_config(collect, CollectConfig)
+    add_config(collect, DataConfig)
     collect.set_defaults(run=cmd_collect)

@@ -7,11 +7,29 @@ a report, and the trained policy exported as a Hugging Face directory.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
 import os
+
+from jaxrlhf.cli.common import (
+    DATA_HELP,
+    MODEL_HELP,
+    TB_HELP,
+    SampleLog,
+    add_common,
+    add_config,
+    add_distributed,
+    add_sample_flags,
+    check_fresh_run,
+    check_prompts_fit,
+    get_config,
+    model_dir,
+    note,
+    print_summary,
+    resume,
+    wrote,
+)
 
 
 def load_reward_functions(specs: list[str]):
@@ -35,7 +53,6 @@ def load_reward_functions(specs: list[str]):
 
 
 def cmd_grpo(args) -> int:
-    from jaxrlhf.cli import _check_fresh_run, _get, _model_dir, _resume
     from jaxrlhf.data.preference import DataConfig
     from jaxrlhf.logging import MetricsLogger
     from jaxrlhf.models.hf import from_pretrained, save_pretrained
@@ -43,16 +60,16 @@ def cmd_grpo(args) -> int:
     from jaxrlhf.train.grpo import GRPOTrainer, text_reward_fn
     from jaxrlhf.train.grpo_config import GRPOConfig
 
-    config, data_config = _get(args, GRPOConfig), _get(args, DataConfig)
+    config, data_config = get_config(args, GRPOConfig), get_config(args, DataConfig)
     if bool(args.reward_model) == bool(args.reward_fn):
         raise SystemExit("error: give --reward-model or --reward-fn (one or more), not both")
     checkpoints = config.checkpoint_dir or os.path.join(args.out, "checkpoints")
     config = dataclasses.replace(config, checkpoint_dir=checkpoints)
-    _check_fresh_run(args.resume, checkpoints, flag="--grpo-checkpoint-dir")
+    check_fresh_run(args.resume, checkpoints, flag="--grpo-checkpoint-dir")
     functions, weights = load_reward_functions(args.reward_fn)  # flag errors before any loading
     policy, tokenizer, prompts = _prompts_and_policy(args, config, data_config)
     if args.reward_model:
-        reward_model = from_pretrained(_model_dir(args.reward_model, "reward model"), head="reward")
+        reward_model = from_pretrained(model_dir(args.reward_model, "reward model"), head="reward")
         reward_fn = reward_model_fn(reward_model)
     else:
         reward_fn = text_reward_fn(functions, tokenizer, weights=weights)
@@ -62,61 +79,76 @@ def cmd_grpo(args) -> int:
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    _resume(trainer, checkpoints, metrics_path)
+    resume(trainer, checkpoints, metrics_path)
+    samples = SampleLog(trainer, tokenizer, every=args.log_samples_every,
+                        num_prompts=args.log_samples, total=config.num_iterations)  # fmt: skip
+
+    def callback(iteration: int, metrics: dict) -> None:
+        log.log(iteration, metrics)
+        samples(iteration)
+
     with MetricsLogger(metrics_path, tensorboard_dir=os.path.join(args.out, "tb")) as log:
-        history = trainer.train(callback=log.log, progress=not args.quiet)
-    save_pretrained(trainer.actor(), os.path.join(args.out, "policy"), tokenizer=tokenizer)
+        history = trainer.train(callback=callback, progress=not args.quiet)
+    policy_dir = os.path.join(args.out, "policy")
+    save_pretrained(trainer.actor(), policy_dir, tokenizer=tokenizer)
     last = history[-1] if history else {}
     keys = ("reward", "reward_std", "frac_reward_zero_std", "kl", "completions/mean_length")
-    print(json.dumps({k: last[k] for k in keys if k in last}, indent=2))  # kl: only with β > 0
+    summary = {k: last[k] for k in keys if k in last}  # kl: only with β > 0
+    report = _grpo_report(args.out, summary, samples)
+    print_summary(summary)
+    wrote(args.out, policy=policy_dir, report=report, metrics=metrics_path)
     return 0
 
 
+def _grpo_report(out: str, summary: dict, samples: SampleLog) -> str:
+    from jaxrlhf.report import write_report
+
+    sections = [("Last iteration", "```json\n" + json.dumps(summary, indent=2) + "\n```")]
+    if samples.markdown():
+        sections.append(("Samples", samples.markdown()))
+    return write_report(os.path.join(out, "report.md"), title="jaxrlhf grpo", sections=sections)
+
+
 def _prompts_and_policy(args, config, data_config):
-    from jaxrlhf.cli import _check_positions, _load_tokenizer, _longest, _model_dir, _note
     from jaxrlhf.data.formats import load_prompt_dataset
     from jaxrlhf.data.preference import tokenize_prompts
+    from jaxrlhf.models.tokenizer import load_tokenizer
 
-    policy = _model_dir(args.policy, "policy")
-    tokenizer = _load_tokenizer(policy)
-    rows = load_prompt_dataset(args.prompts, data_config, report=_note)
+    policy = model_dir(args.policy, "policy")
+    tokenizer = load_tokenizer(policy)
+    rows = load_prompt_dataset(args.prompts, data_config, report=note, tokenizer=tokenizer)
     prompts = tokenize_prompts(rows, tokenizer, data_config, source=args.prompts)
-    width = prompts.input_ids.shape[1]
-    _check_positions(
-        policy,
-        width + config.max_new_tokens,
-        what=f"prompts padded to {width} tokens (the longest has {_longest(prompts.attention_mask)})"
-        f" + --grpo-max-new-tokens {config.max_new_tokens}",
-        fixes="lower --grpo-max-new-tokens, or --data-max-prompt-length (with --data-truncate)",
-    )
+    check_prompts_fit((policy,), prompts, config.max_new_tokens, "--grpo-max-new-tokens")
     return policy, tokenizer, prompts
 
 
 def cmd_dpo(args) -> int:
-    from jaxrlhf.cli import _get, _load_tokenizer, _model_dir, _note
     from jaxrlhf.data.formats import load_preference_dataset
     from jaxrlhf.data.preference import DataConfig, tokenize_pairs
     from jaxrlhf.logging import MetricsLogger
     from jaxrlhf.models.hf import from_pretrained, save_pretrained
+    from jaxrlhf.models.tokenizer import load_tokenizer
     from jaxrlhf.report import write_report
     from jaxrlhf.train.dpo import DPOConfig, train_dpo
 
-    config, data_config = _get(args, DPOConfig), _get(args, DataConfig)
-    model_dir = _model_dir(args.model)
-    tokenizer = _load_tokenizer(model_dir)
-    data = load_preference_dataset(args.data, data_config, report=_note)
+    config, data_config = get_config(args, DPOConfig), get_config(args, DataConfig)
+    directory = model_dir(args.model)
+    tokenizer = load_tokenizer(directory)
+    data = load_preference_dataset(args.data, data_config, report=note, tokenizer=tokenizer)
     pairs = tokenize_pairs(data.train, tokenizer, data_config, source=args.data)
     eval_pairs = None
     if data.eval is not None:
         eval_pairs = tokenize_pairs(data.eval, tokenizer, data_config, source=f"{args.data} [eval]")
-    policy = from_pretrained(model_dir)  # every input is checked before the output is created
+    policy = from_pretrained(directory)  # every input is checked before the output is created
     os.makedirs(args.out, exist_ok=True)
-    with MetricsLogger(os.path.join(args.out, "metrics.jsonl")) as log:
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    with MetricsLogger(metrics_path, tensorboard_dir=os.path.join(args.out, "tb")) as log:
         model, metrics = train_dpo(
             policy, pairs, config, eval_pairs=eval_pairs,
             progress=not args.quiet, callback=log.log,
         )  # fmt: skip
-    save_pretrained(model, os.path.join(args.out, "policy"), tokenizer=tokenizer)
+    policy_dir = os.path.join(args.out, "policy")
+    save_pretrained(model, policy_dir, tokenizer=tokenizer)
     summary = {
         "eval_implicit_reward_accuracy": metrics["eval_accuracy"][-1]
         if metrics["eval_accuracy"]
@@ -125,24 +157,24 @@ def cmd_dpo(args) -> int:
         "num_eval_pairs": metrics["num_eval_pairs"],
         "final_loss": metrics["loss"][-1],
     }
-    write_report(
-        os.path.join(args.out, "report.md"),
-        title="jaxrlhf dpo",
-        sections=[("Result", "```json\n" + json.dumps(summary, indent=2) + "\n```")],
-    )
-    print(json.dumps(summary, indent=2))
+    result = "```json\n" + json.dumps(summary, indent=2) + "\n```"
+    report = write_report(os.path.join(args.out, "report.md"), title="jaxrlhf dpo",
+                          sections=[("Result", result)])  # fmt: skip
+    print_summary(summary)
+    wrote(args.out, policy=policy_dir, report=report, metrics=metrics_path)
     return 0
 
 
-def add_commands(sub, add, add_distributed, data_help: str, model_help: str) -> None:
-    """The ``grpo`` and ``dpo`` subcommands (``add(parser, Config)`` adds a config's flags)."""
+def add_algorithm_parsers(sub) -> None:
+    """The ``grpo`` and ``dpo`` subcommands."""
     from jaxrlhf.data.preference import DataConfig
     from jaxrlhf.train.dpo import DPOConfig
     from jaxrlhf.train.grpo_config import GRPOConfig
 
-    grpo = sub.add_parser("grpo", help="GRPO / Dr. GRPO / DAPO / GSPO / RLOO / REINFORCE++")
-    grpo.add_argument("--prompts", required=True, help=data_help + " (a prompt column)")
-    grpo.add_argument("--policy", required=True, help=model_help + " of the SFT policy")
+    grpo = sub.add_parser("grpo", help="GRPO / Dr. GRPO / DAPO / GSPO / RLOO / REINFORCE++",
+                          description=f"The critic-free family; {TB_HELP}.")  # fmt: skip
+    grpo.add_argument("--prompts", required=True, help=DATA_HELP + " (a prompt column)")
+    grpo.add_argument("--policy", required=True, help=MODEL_HELP + " of the SFT policy")
     grpo.add_argument("--reward-model", help="directory written by train-rm")
     grpo.add_argument(
         "--reward-fn",
@@ -152,21 +184,21 @@ def add_commands(sub, add, add_distributed, data_help: str, model_help: str) -> 
         "the rewards are summed with their weights), e.g. "
         "jaxrlhf.tasks.arithmetic:correctness_reward",
     )
-    grpo.add_argument("--out", required=True, help="output directory")
-    grpo.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                      help="continue from the latest checkpoint in OUT/checkpoints")  # fmt: skip
-    grpo.add_argument("--quiet", action="store_true", help="no progress bars")
-    add(grpo, GRPOConfig)
-    add(grpo, DataConfig)
-    add_distributed(grpo)
-    grpo.set_defaults(run=cmd_grpo)
+    grpo.add_argument(
+        "--out", required=True, help="output directory (metrics, checkpoints, policy)"
+    )
+    add_common(grpo, resume=True)
+    add_sample_flags(grpo)
+    add_config(grpo, GRPOConfig)
 
-    dpo = sub.add_parser("dpo", help="direct preference optimisation on preference pairs")
-    dpo.add_argument("--data", required=True, help=data_help + " (preference pairs)")
-    dpo.add_argument("--model", required=True, help=model_help + " of the SFT policy")
-    dpo.add_argument("--out", required=True, help="output directory")
-    dpo.add_argument("--quiet", action="store_true", help="no progress bars")
-    add(dpo, DPOConfig)
-    add(dpo, DataConfig)
-    add_distributed(dpo)
-    dpo.set_defaults(run=cmd_dpo)
+    dpo = sub.add_parser("dpo", help="direct preference optimisation on preference pairs",
+                         description=f"DPO (Rafailov et al. 2023); {TB_HELP}.")  # fmt: skip
+    dpo.add_argument("--data", required=True, help=DATA_HELP + " (preference pairs)")
+    dpo.add_argument("--model", required=True, help=MODEL_HELP + " of the SFT policy")
+    dpo.add_argument("--out", required=True, help="output directory (metrics, policy)")
+    add_common(dpo)
+    add_config(dpo, DPOConfig)
+    for parser, run in ((grpo, cmd_grpo), (dpo, cmd_dpo)):
+        add_config(parser, DataConfig)
+        add_distributed(parser)
+        parser.set_defaults(run=run)

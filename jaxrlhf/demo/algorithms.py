@@ -14,30 +14,21 @@ import time
 
 import jax
 
+from jaxrlhf.demo.common import (
+    ARITHMETIC,
+    ARITHMETIC_SFT,
+    GROUP_ALGOS,
+    build_task,
+    demo_pairs,
+    evaluate,
+    run_ppo,
+    train_demo_reward_model,
+)
 from jaxrlhf.logging import MetricsLogger
 from jaxrlhf.report import markdown_table, plot_curves, write_report
 from jaxrlhf.train.dpo import DPOConfig, train_dpo
 from jaxrlhf.train.grpo import GRPOTrainer, text_reward_fn
 from jaxrlhf.train.grpo_config import GRPOConfig
-
-GROUP_ALGOS = {"grpo": "grpo", "dr_grpo": "dr_grpo", "rloo": "rloo"}
-
-DEMO_GRPO = GRPOConfig(
-    num_iterations=60,
-    batch_size=16,
-    group_size=8,
-    num_minibatches=2,
-    epochs=1,
-    learning_rate=1e-4,
-    max_new_tokens=4,
-    temperature=1.0,
-)
-DEMO_DPO = DPOConfig(epochs=2, batch_size=32, learning_rate=3e-4, beta=0.1, eval_fraction=0.15)
-ARITHMETIC = {"num_train": 600, "num_eval": 200, "max_operand": 19}
-"""The demo's arithmetic task: + and − on 0 … 19 (800 problems), 600 for training, 200 held out."""
-ARITHMETIC_SFT = {"steps": 1000, "plus_sign_rate": 0.8}
-"""Its warm-up: 1000 SFT steps on answers of a sloppy demonstrator who signs 80% of the non-negative
-ones ("+42", which the exact reward rejects; :func:`jaxrlhf.tasks.arithmetic.signed_answers`)."""
 
 
 def run_arithmetic(demo, grpo: GRPOConfig, *, progress: bool, echo) -> dict:
@@ -95,7 +86,6 @@ def run_dpo(demo, sft, reward, ppo, dpo: DPOConfig, *, progress: bool, echo) -> 
     trained on the same pairs) for comparison; gold reward of each policy on held-out prompts."""
     from flax import nnx
 
-    from jaxrlhf.demo import build_task, demo_pairs, evaluate, run_ppo, train_demo_reward_model
     from jaxrlhf.models import CausalLM
     from jaxrlhf.train.experience import reward_model_fn
     from jaxrlhf.train.sft import train_sft

@@ -1,28 +1,21 @@
-"""The default demo: the seed's whole RLHF pipeline on a built-in task, offline, in minutes on a CPU.
+"""What the demo's runs share: the built-in review task and the tiny GPT-2 all its models share,
+the annotated preference pairs, the reward model trained on them, the evaluation by the hidden gold
+reward, one PPO run, and the presets every demo run starts from (each flag of ``jaxrlhf demo``
+overrides one field).
 
-    corpus ──SFT──▶ base policy ──samples──▶ simulated annotators ──pairs──▶ reward model (Bradley-Terry)
-                         │                                                        │
-                         └──────────── PPO (actor + critic, frozen reference, learned reward) ◀┘
-                                        ├─ with the KL penalty:  gold reward up, KL small
-                                        └─ without it (β = 0):   learned reward up, gold reward down
-
-The task (:mod:`jaxrlhf.data.demo_task`) hides a "gold" reward from the learner; the annotators label
-pairs of base-policy samples with it, noisily. Everything the learner optimises is learned from
-those labels, so the gold reward measures whether RLHF really helped — and shows reward hacking when
-the policy is allowed to wander far from the reference.
+The task (:mod:`jaxrlhf.data.demo_task`) hides a "gold" reward from the learner; simulated
+annotators label pairs of base-policy samples with it, noisily. Everything the learner optimises is
+learned from those labels, so the gold reward measures whether RLHF really helped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import time
 from collections.abc import Callable
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxrlhf.collect import collect_preferences
 from jaxrlhf.config import option, require
@@ -30,9 +23,9 @@ from jaxrlhf.data.demo_task import DemoTask, build_demo_task
 from jaxrlhf.data.preference import tokenize_pairs
 from jaxrlhf.logging import MetricsLogger
 from jaxrlhf.models import CausalLM
-from jaxrlhf.report import markdown_table, plot_curves, write_report
 from jaxrlhf.rollout import sample, sequences
-from jaxrlhf.train.experience import reward_model_fn
+from jaxrlhf.train.dpo import DPOConfig
+from jaxrlhf.train.grpo_config import GRPOConfig
 from jaxrlhf.train.ppo import PPOConfig, PPOTrainer
 from jaxrlhf.train.reward import (
     RewardConfig,
@@ -40,7 +33,7 @@ from jaxrlhf.train.reward import (
     reward_model_from_policy,
     train_reward_model,
 )
-from jaxrlhf.train.sft import SFTConfig, tiny_model_config, train_sft
+from jaxrlhf.train.sft import SFTConfig, tiny_model_config
 
 TASKS = {"reviews": ("ppo", "dpo"), "arithmetic": ("grpo", "dr_grpo", "rloo")}
 
@@ -85,8 +78,13 @@ class DemoConfig:
 
 
 # The presets the demo runs with (each flag of `jaxrlhf demo` overrides one field).
-DEMO_SFT = SFTConfig(steps=500, batch_size=64, learning_rate=3e-3, warmup_steps=30)
-DEMO_REWARD = RewardConfig(epochs=2, batch_size=32, learning_rate=1e-3, eval_fraction=0.15)
+DEMO_SFT = SFTConfig(
+    steps=500, batch_size=64, learning_rate=3e-3, lr_schedule="cosine", warmup_steps=30
+)
+DEMO_REWARD = RewardConfig(
+    epochs=2, batch_size=32, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=10,
+    eval_fraction=0.15,
+)  # fmt: skip
 DEMO_PPO = PPOConfig(
     num_iterations=40,
     batch_size=64,
@@ -232,142 +230,25 @@ def train_demo_reward_model(
     }
 
 
-def ppo_settings(ppo: PPOConfig, demo: DemoConfig) -> list[tuple[str, PPOConfig, str]]:
-    """(name, config, label) of the demo's PPO runs: with the KL penalty, and (optionally) without."""
-    settings = [("kl", ppo, f"PPO, β = {ppo.kl_coef}")]
-    if demo.run_without_kl:
-        no_kl = dataclasses.replace(ppo, kl_coef=0.0, adaptive_kl=False)
-        settings.append(("no_kl", no_kl, "PPO, β = 0"))
-    return settings
+GROUP_ALGOS = {"grpo": "grpo", "dr_grpo": "dr_grpo", "rloo": "rloo"}
 
-
-def run_demo(
-    demo: DemoConfig = DemoConfig(),
-    sft: SFTConfig = DEMO_SFT,
-    reward: RewardConfig = DEMO_REWARD,
-    ppo: PPOConfig = DEMO_PPO,
-    *,
-    grpo=None,
-    dpo=None,
-    progress: bool = True,
-    echo: Callable[[str], None] = print,
-) -> dict:
-    """Run the whole demo; writes ``report.md``, plots, metrics and models under ``demo.out_dir``.
-
-    Returns the summary (also written as ``summary.json``). ``demo.algo`` other than "ppo" runs
-    :mod:`jaxrlhf.demo_algorithms` (with ``grpo`` / ``dpo`` settings, their presets by default).
-    """
-    if demo.algo != "ppo":
-        from jaxrlhf import demo_algorithms as other
-
-        if demo.algo == "dpo":
-            return other.run_dpo(demo, sft, reward, ppo, dpo or other.DEMO_DPO,
-                                 progress=progress, echo=echo)  # fmt: skip
-        return other.run_arithmetic(demo, grpo or other.DEMO_GRPO, progress=progress, echo=echo)
-    start = time.perf_counter()
-    os.makedirs(demo.out_dir, exist_ok=True)
-
-    def stage(label: str):
-        echo(f"[demo] {time.perf_counter() - start:5.0f} s  {label} …")
-
-    stage("building the task (corpus, tokenizer, prompts)")
-    task, model_config = build_task(demo, ppo)
-    stage("SFT: training the base policy on the corpus")
-    base = CausalLM(model_config, rngs=nnx.Rngs(demo.seed))
-    base, sft_metrics = train_sft(base, *task.corpus_batch(), sft, progress=progress)
-    stage("preference pairs (simulated annotators) → reward model (Bradley-Terry)")
-    reward_model, rm_summary = train_demo_reward_model(
-        task, base, demo, reward, ppo, progress=progress
-    )
-    stage("evaluating the base policy")
-    eval_key = jax.random.split(jax.random.PRNGKey(demo.seed))[1]
-    results = {
-        "base policy (SFT)": evaluate(task, base, reward_model_fn(reward_model), eval_key, ppo)
-    }
-    runs, final_kl, exported = {}, {}, None
-    for name, config, label in ppo_settings(ppo, demo):
-        stage(label + (" (reward hacking)" if config.kl_coef == 0 else " with the KL penalty"))
-        trainer, records, results[label] = run_ppo(
-            name, task, base, reward_model, config, demo, progress=progress
-        )
-        runs[label], final_kl[label] = records, records[-1]["objective/kl"]
-        exported = exported or trainer  # the exported policy is the KL-penalised one
-    if demo.save_models:
-        stage("exporting the PPO policy and the reward model (Hugging Face format)")
-        export_models(demo, task, exported.actor(), reward_model)
-    summary = summarize(rm_summary, results, final_kl, sft_metrics, time.perf_counter() - start)
-    with open(os.path.join(demo.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    _write_demo_report(demo, ppo, summary, results, runs)
-    echo(
-        f"[demo] done in {summary['seconds']:.0f} s; report: {os.path.join(demo.out_dir, 'report.md')}"
-    )
-    return summary
-
-
-def summarize(rm_summary, results, final_kl, sft_metrics, seconds) -> dict:
-    """The demo's summary.json: the reward model, each policy's rewards, KL and EOS rate."""
-    return {
-        "reward_model": rm_summary,
-        "policies": {
-            name: {
-                "gold_reward": r["gold"],
-                "learned_reward": r["learned"],
-                "eos_rate": r["eos_rate"],
-                "kl_to_reference": final_kl.get(name, 0.0),
-            }
-            for name, r in results.items()
-        },
-        "sft_final_loss": float(np.mean(sft_metrics["loss"][-20:])),
-        "seconds": seconds,
-    }
-
-
-def export_models(demo: DemoConfig, task: DemoTask, policy: CausalLM, reward_model) -> None:
-    """The PPO policy and the reward model as Hugging Face directories under ``demo.out_dir``."""
-    from jaxrlhf.models.hf import save_pretrained
-
-    for model, name in ((policy, "policy"), (reward_model, "reward_model")):
-        save_pretrained(model, os.path.join(demo.out_dir, name), tokenizer=task.tokenizer)
-
-
-def _write_demo_report(demo, ppo, summary, results, runs) -> str:
-    rm = summary["reward_model"]
-    rows = [{"policy": name, **values} for name, values in summary["policies"].items()]
-    policy_table = markdown_table(
-        rows, ["policy", "gold_reward", "learned_reward", "kl_to_reference", "eos_rate"]
-    )
-    samples = []
-    for name, r in results.items():
-        samples.append(f"**{name}**\n")
-        for prompt, text, gold in r["samples"][: demo.num_samples_shown]:
-            samples.append(f"- `{prompt}` → `{text}` (gold {gold:+.0f})")
-        samples.append("")
-    sections = [
-        (
-            "Reward model",
-            (
-                f"Held-out pairwise accuracy **{rm['held_out_accuracy']:.3f}** on "
-                f"{rm['num_eval_pairs']} annotated pairs (trained on {rm['num_train_pairs']}). "
-                f"The gold reward ties on {rm['gold_tie_fraction']:.3f} of the pairs (a coin flip "
-                "for the annotators); on the others the noisy annotators pick the gold-better "
-                f"response {rm['annotator_gold_agreement']:.3f} of the time."
-            ),
-        ),
-        (
-            "Policies (held-out prompts)",
-            policy_table
-            + "\n\n`gold_reward` is the hidden reward the annotators used; `learned_reward` is the "
-            "reward model's (normalised) score; `kl_to_reference` is the mean per-sequence KL "
-            "(`objective/kl`) at the last PPO iteration.",
-        ),
-        ("Samples", "\n".join(samples)),
-        ("Run", f"{summary['seconds']:.0f} s in total. Config: PPO {ppo}."),
-    ]
-    plots = plot_curves(runs, os.path.join(demo.out_dir, "plots"))
-    return write_report(
-        os.path.join(demo.out_dir, "report.md"),
-        title="jaxrlhf demo: RLHF with PPO on the built-in review task",
-        sections=sections,
-        plots=plots,
-    )
+DEMO_GRPO = GRPOConfig(
+    num_iterations=60,
+    batch_size=16,
+    group_size=8,
+    num_minibatches=2,
+    epochs=1,
+    learning_rate=1e-4,
+    lr_schedule="constant",
+    max_new_tokens=4,
+    temperature=1.0,
+)
+DEMO_DPO = DPOConfig(
+    epochs=2, batch_size=32, learning_rate=3e-4, lr_schedule="cosine", warmup_steps=10, beta=0.1,
+    eval_fraction=0.15,
+)  # fmt: skip
+ARITHMETIC = {"num_train": 600, "num_eval": 200, "max_operand": 19}
+"""The demo's arithmetic task: + and − on 0 … 19 (800 problems), 600 for training, 200 held out."""
+ARITHMETIC_SFT = {"steps": 1000, "plus_sign_rate": 0.8}
+"""Its warm-up: 1000 SFT steps on answers of a sloppy demonstrator who signs 80% of the non-negative
+ones ("+42", which the exact reward rejects; :func:`jaxrlhf.tasks.arithmetic.signed_answers`)."""

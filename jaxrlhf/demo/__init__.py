@@ -1,0 +1,66 @@
+"""The offline demo (``jaxrlhf demo``): the RLHF pipeline on tasks the package generates itself.
+
+    run_demo(DemoConfig())                                   # reviews: SFT → reward model → PPO
+    run_demo(DemoConfig(algo="dpo"))                         # reviews: DPO beside PPO
+    run_demo(DemoConfig(task="arithmetic", algo="grpo"))     # arithmetic: GRPO / Dr. GRPO / RLOO
+
+:mod:`jaxrlhf.demo.common` holds what the runs share and the presets, :mod:`jaxrlhf.demo.ppo` the
+default run, :mod:`jaxrlhf.demo.algorithms` the others. The demo imports the library, never the
+command line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jaxrlhf.demo.algorithms import run_arithmetic, run_dpo
+from jaxrlhf.demo.common import (
+    DEMO_DPO,
+    DEMO_GRPO,
+    DEMO_PPO,
+    DEMO_REWARD,
+    DEMO_SFT,
+    TASKS,
+    DemoConfig,
+)
+from jaxrlhf.demo.ppo import run_ppo_demo
+from jaxrlhf.train.dpo import DPOConfig
+from jaxrlhf.train.grpo_config import GRPOConfig
+from jaxrlhf.train.ppo import PPOConfig
+from jaxrlhf.train.reward import RewardConfig
+from jaxrlhf.train.sft import SFTConfig
+
+
+def run_demo(
+    demo: DemoConfig = DemoConfig(),  # noqa: B008 (frozen: safe to share)
+    sft: SFTConfig = DEMO_SFT,
+    reward: RewardConfig = DEMO_REWARD,
+    ppo: PPOConfig = DEMO_PPO,
+    *,
+    grpo: GRPOConfig = DEMO_GRPO,
+    dpo: DPOConfig = DEMO_DPO,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Run the demo ``demo.task`` / ``demo.algo`` with these settings (the presets by default).
+
+    Writes ``report.md``, ``summary.json``, plots, metrics and (``demo.save_models``) the models
+    under ``demo.out_dir``; returns the summary.
+    """
+    if demo.algo == "ppo":
+        return run_ppo_demo(demo, sft, reward, ppo, progress=progress, echo=echo)
+    if demo.algo == "dpo":
+        return run_dpo(demo, sft, reward, ppo, dpo, progress=progress, echo=echo)
+    return run_arithmetic(demo, grpo, progress=progress, echo=echo)
+
+
+__all__ = [
+    "DEMO_DPO",
+    "DEMO_GRPO",
+    "DEMO_PPO",
+    "DEMO_REWARD",
+    "DEMO_SFT",
+    "TASKS",
+    "DemoConfig",
+    "run_demo",
+]
