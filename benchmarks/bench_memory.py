@@ -101,8 +101,9 @@ def step_bytes(config, mesh, *, per_device_batch: int, prompt: int, response: in
 
     from jaxrlhf.models import ActorCritic
     from jaxrlhf.models.sharding import batch_divisor, batch_sharding
-    from jaxrlhf.train import PPOConfig, PPOLoss
+    from jaxrlhf.train import PPOConfig
     from jaxrlhf.train.experience import Experience
+    from jaxrlhf.train.ppo import ppo_loss
     from jaxrlhf.train.state import _mesh_step, init_train_state, mesh_layout
 
     graphdef, params = nnx.split(nnx.eval_shape(lambda: ActorCritic(config, rngs=nnx.Rngs(0))))
@@ -123,9 +124,10 @@ def step_bytes(config, mesh, *, per_device_batch: int, prompt: int, response: in
         scores=arr((b,)), rewards=arr((b, response)), advantages=arr((b, response)),
         returns=arr((b, response)),
     )  # fmt: skip
-    loss = PPOLoss(graphdef=graphdef, clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1,
-                   ent_coef=0.0, temperature=1.0)  # fmt: skip
-    compiled = _mesh_step.lower(state, exp, loss, optimizer, layout).compile()
+    loss = ppo_loss(PPOConfig(), graphdef)  # the loss PPOTrainer builds, defaults as the CLI's
+    start = time.perf_counter()
+    compiled = _mesh_step.lower(state, exp, loss, optimizer, layout).compile()  # its mesh step
+    compile_s = time.perf_counter() - start
     stats = compiled.memory_analysis()
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     return {
@@ -134,6 +136,7 @@ def step_bytes(config, mesh, *, per_device_batch: int, prompt: int, response: in
         "aliased": stats.alias_size_in_bytes,
         "temporaries": stats.temp_size_in_bytes,
         "params_total": param_bytes,
+        "compile_s": compile_s,
     }
 
 
@@ -186,7 +189,7 @@ def measure(name, devices, precision, args) -> dict:
         "params_b": step["params_total"] / 4 / 1e9,
         "step_gib": step_total / GIB, "frozen_gib": frozen / GIB,
         "rollout_gib": (rollout["arguments"] + rollout["outputs"] + rollout["temporaries"]) / GIB,
-        "step": step, "rollout": rollout,
+        "step": step, "rollout": rollout, "step_compile_s": step["compile_s"],
     }  # fmt: skip
 
 

@@ -11,6 +11,7 @@ import pytest
 import train_utils as tu
 
 from jaxrlhf import rl
+from jaxrlhf.rollout import response_slice
 from jaxrlhf.train import PPOConfig, PPOLoss, PPOTrainer
 from jaxrlhf.train.experience import make_experience, missing_eos_penalty
 from jaxrlhf.train.ppo import PolicyWithCritic, init_policy, prompt_batch_indices
@@ -222,8 +223,12 @@ def test_missing_eos_penalty_hand_values():
 class FixedOutputs(PPOLoss):
     """PPOLoss whose policy outputs fixed (logits, values), to compare with rl.ppo_loss by hand."""
 
-    def forward(self, params, input_ids, attention_mask):
-        return params
+    def response_outputs(self, params, batch):
+        logits, values = params  # [b, T, V], [b, T]
+        P, N = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+        logits, values = response_slice(logits, P, N), response_slice(values, P, N)
+        logprobs = rl.token_logprobs(logits / self.temperature, batch.response_ids)
+        return logprobs, rl.token_entropy(logits / self.temperature), values
 
 
 def combine(means, weights):
@@ -286,6 +291,40 @@ def test_the_minibatch_loss_table_is_rl_ppo_loss(aggregation):
     np.testing.assert_allclose(
         mean("policy/ratio_outside_clip_avg"), (outside * m).sum() / m.sum(), rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("separate_critic", [False, True])
+def test_the_hidden_state_loss_is_the_full_logits_loss(separate_critic):
+    """PPOLoss on a model (LM head at response positions, 2 tokens a chunk) = the loss table on
+    the model's full [b, T, V] logits: values and parameter gradients."""
+    policy, _ = tu.tiny_models(separate_critic=separate_critic)
+    graphdef, params = tu.nnx.split(policy, tu.nnx.Param)
+    exp = make_experience(
+        lambda ids, m: (policy(ids, m)[0] * 1.2, policy(ids, m)[1] + 0.1),
+        lambda ids, m: policy(ids, m)[0],
+        PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK, SCORES,
+        kl_coef=0.1,
+    )  # fmt: skip
+    settings = {"clip_eps": 0.2, "value_clip_eps": 0.2, "vf_coef": 0.1, "ent_coef": 0.01}
+    settings["temperature"] = 0.7
+    chunked = PPOLoss(graphdef=graphdef, logits_chunk_size=2, **settings)
+    full = FixedOutputs(graphdef=None, **settings)
+
+    def full_loss(params, exp):
+        ids = jnp.concatenate([PROMPT_IDS, RESPONSE_IDS], 1)
+        mask = jnp.concatenate([PROMPT_MASK, RESPONSE_MASK], 1)
+        return full(tu.nnx.merge(graphdef, params)(ids, mask), exp)
+
+    got, want = jax.jit(chunked)(params, exp), jax.jit(full_loss)(params, exp)
+    for name in want:
+        np.testing.assert_allclose(got[name][0], want[name][0], rtol=1e-5, atol=1e-6, err_msg=name)
+    grads = [
+        jax.grad(lambda p, f=f: combine(f(p, exp), chunked.weights))(params)
+        for f in (chunked, full_loss)
+    ]
+    for g, w in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[0])) > 1e-4  # non-trivial
 
 
 def test_prompt_batches_cover_each_shuffle_and_are_reproducible():

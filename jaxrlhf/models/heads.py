@@ -30,6 +30,7 @@ from jaxrlhf.models.layers import (
     positions_from_mask,
 )
 from jaxrlhf.models.llama import LlamaModel
+from jaxrlhf.models.lm_head import head_logprobs
 
 
 def make_trunk(config: ModelConfig, *, rngs: nnx.Rngs):
@@ -153,6 +154,22 @@ class CausalLM(nnx.Module):
         w = self.lm_head.kernel[...].astype(hidden.dtype)  # [D, V]
         return jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
 
+    def head_weight(self):
+        """The LM head as [V, D]: the tied token embedding, or the untied kernel transposed."""
+        if self.lm_head is None:
+            return self.model.token_embedding()
+        return self.lm_head.kernel[...].T
+
+    def token_logprobs(self, hidden, tokens, *, temperature=1.0, logits_chunk_size=None,
+                       entropy=False, entropy_grad=False):  # fmt: skip
+        """(log π(tokens), entropy) [..., T] from hidden states [..., T, D]: the values of
+        ``rl.token_logprobs`` / ``rl.token_entropy`` on ``logits_from_hidden(hidden)``, with the
+        head applied ``logits_chunk_size`` tokens at a time (``models.lm_head.head_logprobs``)."""
+        return head_logprobs(
+            hidden, self.head_weight(), tokens, temperature=temperature,
+            logits_chunk_size=logits_chunk_size, entropy=entropy, entropy_grad=entropy_grad,
+        )  # fmt: skip
+
     def __call__(self, input_ids, attention_mask, *, dropout_rng=None):
         """input_ids [B, T] int, attention_mask [B, T] (1 = real token, left padding) → logits
         [B, T, V] float32; logits[:, t] predict token t + 1."""
@@ -173,6 +190,23 @@ class CausalLM(nnx.Module):
             group_size=group_size, dropout_rng=dropout_rng,
         )  # fmt: skip
         return self.logits_from_hidden(hidden)  # [R, N, V] from hidden [R, N, D]
+
+    def response_logprobs(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, *, group_size: int = 1,
+        temperature=1.0, logits_chunk_size=None, entropy=False, entropy_grad=False,
+        dropout_rng=None,
+    ):  # fmt: skip
+        """(log π, entropy) [R, N] of each response token: ``response_logits`` through
+        ``rl.token_logprobs`` / ``rl.token_entropy``, without the [R, N, V] logits
+        (:meth:`token_logprobs`)."""
+        hidden = response_hidden(
+            self.model, prompt_ids, prompt_mask, response_ids[:, :-1], response_mask[:, :-1],
+            group_size=group_size, dropout_rng=dropout_rng,
+        )  # [R, N, D]  # fmt: skip
+        return self.token_logprobs(
+            hidden, response_ids, temperature=temperature, logits_chunk_size=logits_chunk_size,
+            entropy=entropy, entropy_grad=entropy_grad,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ used by rollout.generate
 
@@ -213,9 +247,14 @@ class ActorCritic(nnx.Module):
             config, std=1.0 / math.sqrt(config.hidden_size + 1), rngs=rngs
         )
 
-    def __call__(self, input_ids, attention_mask, *, dropout_rng=None):
+    def hidden_and_values(self, input_ids, attention_mask, *, dropout_rng=None):
+        """(the actor's hidden states [B, T, D], values [B, T]) of one trunk pass."""
         hidden = self.lm.hidden(input_ids, attention_mask, dropout_rng=dropout_rng)  # [B, T, D]
-        return self.lm.logits_from_hidden(hidden), _scalar(self.value_head, hidden)
+        return hidden, _scalar(self.value_head, hidden)
+
+    def __call__(self, input_ids, attention_mask, *, dropout_rng=None):
+        hidden, values = self.hidden_and_values(input_ids, attention_mask, dropout_rng=dropout_rng)
+        return self.lm.logits_from_hidden(hidden), values
 
 
 class ValueModel(nnx.Module):

@@ -82,12 +82,15 @@ class DPOConfig(LoopConfig):
         return supervised_adamw(self, total_steps)
 
 
-def sequence_logprobs(model, ids, mask, prompt_length: int):
-    """Σ over the response tokens of log π(token | prefix): [N, P + R] → [N]."""
-    logits = model(ids, mask)[:, prompt_length - 1 : -1]  # predict tokens P … P+R−1
-    targets = ids[:, prompt_length:]
-    response_mask = mask[:, prompt_length:]
-    return rl.masked_sum(rl.token_logprobs(logits, targets), response_mask, axis=-1)
+def sequence_logprobs(model, ids, mask, prompt_length: int, *, logits_chunk_size=None):
+    """Σ over the response tokens of log π(token | prefix): [N, P + R] → [N]. The LM head runs
+    on the response positions only, ``logits_chunk_size`` tokens at a time
+    (``CausalLM.token_logprobs``)."""
+    hidden = model.hidden(ids, mask)[:, prompt_length - 1 : -1]  # [N, R, D]: predict P … P+R−1
+    logprobs, _ = model.token_logprobs(
+        hidden, ids[:, prompt_length:], logits_chunk_size=logits_chunk_size
+    )  # [N, R]
+    return rl.masked_sum(logprobs, mask[:, prompt_length:], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,6 +103,7 @@ class DPOLoss:
     beta: float
     loss_type: str
     label_smoothing: float
+    logits_chunk_size: int | None = None
 
     @property
     def weights(self) -> tuple[tuple[str, float], ...]:
@@ -110,7 +114,12 @@ class DPOLoss:
         model = nnx.merge(self.graphdef, params)
         ids = jnp.concatenate([chosen_ids, rejected_ids])  # [2B, L] one forward pass
         mask = jnp.concatenate([chosen_mask, rejected_mask])
-        chosen, rejected = jnp.split(sequence_logprobs(model, ids, mask, self.prompt_length), 2)
+        chosen, rejected = jnp.split(
+            sequence_logprobs(
+                model, ids, mask, self.prompt_length, logits_chunk_size=self.logits_chunk_size
+            ),
+            2,
+        )
         losses = rl.dpo_terms(
             chosen, rejected, ref_chosen, ref_rejected, beta=self.beta,
             loss_type=self.loss_type, label_smoothing=self.label_smoothing,
@@ -184,7 +193,8 @@ def train_dpo(model, pairs: PairBatch, config: DPOConfig, *, eval_pairs: PairBat
     graphdef, params = nnx.split(config.trainable(model))
     optimizer = config.optimizer(steps_per_epoch * config.epochs)
     loss = DPOLoss(graphdef=graphdef, prompt_length=pairs.prompt_length, beta=config.beta,
-                   loss_type=config.loss_type, label_smoothing=config.label_smoothing)  # fmt: skip
+                   loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+                   logits_chunk_size=config.logits_chunk_size)  # fmt: skip
     evals: list[float] = []
 
     def after_step(step, metrics, state):

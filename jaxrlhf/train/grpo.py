@@ -85,6 +85,7 @@ class GroupLoss:
     tis_cap: float | None
     group_size: int = 1  # G: rows i·G … i·G + G − 1 of every minibatch answer one prompt (else 1)
     on_policy: bool = False
+    logits_chunk_size: int | None = None
 
     @property
     def weights(self) -> tuple[tuple[str, float], ...]:
@@ -92,10 +93,11 @@ class GroupLoss:
 
     def __call__(self, params, batch: GroupBatch) -> Means:
         G, mask = self.group_size, batch.response_mask
-        logits = nnx.merge(self.graphdef, params).response_logits(
-            batch.prompt_ids[::G], batch.prompt_mask[::G], batch.response_ids, mask, group_size=G
-        )  # [b, N, V]
-        logprobs = rl.token_logprobs(logits, batch.response_ids, temperature=self.temperature)
+        logprobs, entropy = nnx.merge(self.graphdef, params).response_logprobs(
+            batch.prompt_ids[::G], batch.prompt_mask[::G], batch.response_ids, mask,
+            group_size=G, temperature=self.temperature, logits_chunk_size=self.logits_chunk_size,
+            entropy=True,
+        )  # [b, N] each (the entropy a metric: no gradient)  # fmt: skip
         old = jax.lax.stop_gradient(logprobs) if self.on_policy else batch.logprobs  # [b, N]
         weights = None
         if self.tis_cap is not None:
@@ -105,7 +107,6 @@ class GroupLoss:
             clip_eps_high=self.clip_eps_high, importance_level=self.importance_level,
             weights=weights,
         )  # fmt: skip
-        entropy = rl.token_entropy(logits, temperature=self.temperature)
         tokens = jnp.sum(mask)
         terms = {
             "loss/policy": rl.aggregate_terms(policy, mask, aggregation=self.aggregation),
@@ -145,24 +146,23 @@ def sequence_advantages(scores, mask, *, advantage: str, group_size: int):
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "reference_graphdef", "advantage", "group_size", "temperature",
-                     "kl_coef", "kl_in", "on_policy"),
+                     "kl_coef", "kl_in", "on_policy", "logits_chunk_size"),
 )  # fmt: skip
 def make_group_batch(
     params, reference_state, prompt_ids, prompt_mask, rollout: Rollout, scores, *,
     graphdef, reference_graphdef, advantage, group_size, temperature, kl_coef, kl_in, on_policy,
+    logits_chunk_size=None,
 ):  # fmt: skip
     """log π_old (unless ``on_policy``: the loss takes it) and log π_ref of the responses, then the
     advantages → (GroupBatch, metrics). Rows in group order; each prompt is run once per group."""
     mask = rollout.mask
 
     def logprobs_of(model):
-        logits = model.response_logits(
+        logprobs, _ = model.response_logprobs(
             prompt_ids[::group_size], prompt_mask[::group_size], rollout.tokens, mask,
-            group_size=group_size,
-        )  # fmt: skip
-        return jnp.where(
-            mask > 0, rl.token_logprobs(logits, rollout.tokens, temperature=temperature), 0.0
-        )
+            group_size=group_size, temperature=temperature, logits_chunk_size=logits_chunk_size,
+        )  # [R, N]  # fmt: skip
+        return jnp.where(mask > 0, logprobs, 0.0)
 
     logprobs = jnp.zeros_like(mask) if on_policy else logprobs_of(nnx.merge(graphdef, params))
     ref_logprobs = jnp.zeros_like(mask)
@@ -262,7 +262,7 @@ def update(recipe: Recipe, train: TrainState, reference_state, groups, rng):
         train.params, reference_state, *groups, graphdef=recipe.graphdef,
         reference_graphdef=recipe.reference_graphdef, advantage=c.advantage,
         group_size=c.group_size, temperature=c.temperature, kl_coef=c.kl_coef, kl_in=c.kl_in,
-        on_policy=c.on_policy,
+        on_policy=c.on_policy, logits_chunk_size=c.logits_chunk_size,
     )  # fmt: skip
     indices = minibatch_indices(rng, epochs=c.epochs, rollouts=c.rollouts,
                                 minibatch=c.rollouts // c.num_minibatches,
@@ -376,7 +376,7 @@ class GRPOTrainer:
             with_reference=config.kl_coef > 0,
             temperature=config.temperature, tis_cap=config.tis_cap,
             group_size=loss_group_size(config),
-            on_policy=config.on_policy,
+            on_policy=config.on_policy, logits_chunk_size=config.logits_chunk_size,
         )  # fmt: skip
         self.stepper = config.train_step(self.loss, config.optimizer, params)
         self.recipe = Recipe(config, self.graphdef, self.reference_graphdef, self.stepper,

@@ -51,6 +51,12 @@ class LoopConfig:
     remat: bool = option(
         False, "Activation checkpointing: recompute each block in the backward pass (less memory)."
     )
+    logits_chunk_size: int | None = option(
+        None,
+        "Tokens per chunk of the LM head in the loss: log-probs and entropy from the hidden states, "
+        "one chunk's float32 logits at a time (None: as many as fit 64 MiB; small vocabularies: "
+        "one chunk). Changes memory, not results.",
+    )
     checkpoint_dir: str | None = option(None, "Directory for orbax checkpoints (None: none).")
     checkpoint_every: int = option(0, "Save every this many steps/iterations (0: only at the end).")
     keep_checkpoints: int = option(2, "Most recent checkpoints to keep.")
@@ -70,6 +76,12 @@ class LoopConfig:
             self.num_devices is None or self.num_devices >= 1,
             self,
             "num_devices",
+            "must be ≥ 1 or None",
+        )
+        require(
+            self.logits_chunk_size is None or self.logits_chunk_size >= 1,
+            self,
+            "logits_chunk_size",
             "must be ≥ 1 or None",
         )
         require(self.checkpoint_every >= 0, self, "checkpoint_every", "must be ≥ 0")

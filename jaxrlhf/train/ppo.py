@@ -68,8 +68,27 @@ class PolicyWithCritic(nnx.Module):
         self.lm = lm
         self.critic = critic
 
+    def hidden_and_values(self, input_ids, attention_mask):
+        """(the actor's hidden states [B, T, D], the critic's values [B, T])."""
+        return self.lm.hidden(input_ids, attention_mask), self.critic(input_ids, attention_mask)
+
     def __call__(self, input_ids, attention_mask):
         return self.lm(input_ids, attention_mask), self.critic(input_ids, attention_mask)
+
+
+def ppo_loss(config: PPOConfig, graphdef) -> PPOLoss:
+    """The minibatch loss PPOTrainer trains ``graphdef``'s policy with under ``config`` (also what
+    ``benchmarks/bench_memory.py`` compiles)."""
+    return PPOLoss(
+        graphdef=graphdef,
+        clip_eps=config.clip_eps,
+        value_clip_eps=config.value_clip_eps,
+        vf_coef=config.vf_coef,
+        ent_coef=config.ent_coef,
+        temperature=config.temperature,
+        aggregation=config.loss_aggregation,
+        logits_chunk_size=config.logits_chunk_size,
+    )
 
 
 def init_policy(
@@ -200,15 +219,7 @@ class PPOTrainer:
         self.graphdef, params = nnx.split(policy, nnx.Param)
         self.actor_graphdef = nnx.graphdef(generation_model(policy))
         self.reference_graphdef, self.reference_state = nnx.split(reference)
-        self.loss = PPOLoss(
-            graphdef=self.graphdef,
-            clip_eps=config.clip_eps,
-            value_clip_eps=config.value_clip_eps,
-            vf_coef=config.vf_coef,
-            ent_coef=config.ent_coef,
-            temperature=config.temperature,
-            aggregation=config.loss_aggregation,
-        )
+        self.loss = ppo_loss(config, self.graphdef)
         self.stepper = config.train_step(self.loss, config.optimizer, params)
         if config.minibatch_size % self.stepper.num_devices:
             raise ValueError(

@@ -24,7 +24,10 @@ from jaxrlhf.train.state import Means
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PPOLoss:
-    """The PPO minibatch loss of a policy (→ logits [b, T, V], values [b, T]) with these settings.
+    """The PPO minibatch loss of a policy (ActorCritic or PolicyWithCritic: ``hidden_and_values``
+    and an ``lm`` head) with these settings. The log-probs and entropy come from the response
+    positions' hidden states, ``logits_chunk_size`` tokens at a time (``CausalLM.token_logprobs``):
+    no [b, T, V] logits; the entropy is differentiated only when ``ent_coef`` ≠ 0.
 
     Frozen and hashable: ``jax.jit`` takes it as a static argument and caches one program per
     distinct (model structure, settings); β is not here (it only enters the rewards), so runs that
@@ -38,6 +41,7 @@ class PPOLoss:
     ent_coef: float
     temperature: float
     aggregation: str = "token_mean"
+    logits_chunk_size: int | None = None
 
     @property
     def weights(self) -> tuple[tuple[str, float], ...]:
@@ -47,20 +51,29 @@ class PPOLoss:
             ("policy/entropy_avg", -self.ent_coef),
         )
 
-    def forward(self, params, input_ids, attention_mask):
-        """(logits [b, T, V], values [b, T]) of the policy with ``params``."""
-        return nnx.merge(self.graphdef, params)(input_ids, attention_mask)
-
     def __call__(self, params, batch: Experience) -> Means:
+        logprobs, entropy, values = self.response_outputs(params, batch)  # [b, N] each
+        return self.terms(logprobs, entropy, values, batch)
+
+    def response_outputs(self, params, batch: Experience):
+        """(log π(a_t | s_t), H_t, V(s_t)) of the policy at the response tokens, [b, N] each."""
         P, N = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-        mask = batch.response_mask  # [b, N]
         ids, attention_mask = concat_prompt_response(
-            batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask
+            batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask
         )
-        logits, values = self.forward(params, ids, attention_mask)  # [b, T, V], [b, T]
-        logits, values = response_slice(logits, P, N), response_slice(values, P, N)
-        logprobs = rl.token_logprobs(logits, batch.response_ids, temperature=self.temperature)
-        entropy = rl.token_entropy(logits, temperature=self.temperature)  # [b, N]
+        policy_model = nnx.merge(self.graphdef, params)
+        hidden, values = policy_model.hidden_and_values(ids, attention_mask)  # [b, T, D], [b, T]
+        hidden, values = response_slice(hidden, P, N), response_slice(values, P, N)
+        logprobs, entropy = policy_model.lm.token_logprobs(
+            hidden, batch.response_ids, temperature=self.temperature,
+            logits_chunk_size=self.logits_chunk_size, entropy=True,
+            entropy_grad=self.ent_coef != 0,
+        )  # fmt: skip
+        return logprobs, entropy, values
+
+    def terms(self, logprobs, entropy, values, batch: Experience) -> Means:
+        """The (sum, count) table from the response outputs (the loss proper, no model in it)."""
+        mask = batch.response_mask  # [b, N]
         policy, clipped = rl.clipped_surrogate(
             logprobs, batch.logprobs, batch.advantages, mask, clip_eps=self.clip_eps
         )  # [b, N] each

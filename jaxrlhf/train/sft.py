@@ -128,8 +128,14 @@ def next_token_terms(
         only); None: every real token.
     """
     chex.assert_rank([logits, input_ids, attention_mask], [3, 2, 2])
-    chex.assert_equal_shape([input_ids, attention_mask])
     logprobs = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # [B, T-1]
+    return nll_terms(logprobs, input_ids, attention_mask, loss_mask)
+
+
+def nll_terms(logprobs, input_ids, attention_mask, loss_mask=None):
+    """:func:`next_token_terms` from the next-token log-probs [B, T − 1] (logprobs[:, t] =
+    log π(input_ids[:, t + 1] | input_ids[:, ≤ t])), however they were computed."""
+    chex.assert_equal_shape([input_ids, attention_mask])
     mask = attention_mask[:, 1:] * attention_mask[:, :-1]  # [B, T-1]
     if loss_mask is not None:
         chex.assert_equal_shape([input_ids, loss_mask])
@@ -151,11 +157,15 @@ class NextTokenLoss:
 
     graphdef: Any
     weights: tuple[tuple[str, float], ...] = (("sft/nll", 1.0),)
+    logits_chunk_size: int | None = None  # the head on this many tokens at a time (lm_head.py)
 
     def __call__(self, params, batch) -> Means:
         ids, mask, *loss_mask = batch
         lm = nnx.merge(self.graphdef, params)
-        return {"sft/nll": next_token_terms(lm(ids, mask), ids, mask, *loss_mask)}
+        logprobs, _ = lm.token_logprobs(
+            lm.hidden(ids, mask)[:, :-1], ids[:, 1:], logits_chunk_size=self.logits_chunk_size
+        )  # [B, T-1]: next_token_terms' values, without the [B, T, V] logits
+        return {"sft/nll": nll_terms(logprobs, ids, mask, *loss_mask)}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -208,7 +218,7 @@ def train_sft(
         None: every real token.
       eval_data: held-out (input_ids, attention_mask[, loss_mask]); None: ``config.eval_fraction``
         of the sequences are held out (none by default).
-      progress: show a tqdm progress bar.
+      progress: show progress (a bar on a terminal, else lines).
       callback: ``callback(step, metrics)`` after every step (metrics with ``eval/loss`` where the
         held-out loss was measured).
     Returns:
@@ -221,8 +231,9 @@ def train_sft(
     note_warmup(config, config.steps, what="SFT")
     graphdef, params = nnx.split(config.trainable(model))
     evals: list[float] = []
+    loss = NextTokenLoss(graphdef, logits_chunk_size=config.logits_chunk_size)
     state, history = fit(
-        config.train_step(NextTokenLoss(graphdef), config.optimizer, params),
+        config.train_step(loss, config.optimizer, params),
         init_train_state(params, config.optimizer),
         data,
         batch_size=config.batch_size,
