@@ -73,7 +73,8 @@ class PolicyWithCritic(nnx.Module):
         return self.lm.hidden(input_ids, attention_mask), self.critic(input_ids, attention_mask)
 
     def __call__(self, input_ids, attention_mask):
-        return self.lm(input_ids, attention_mask), self.critic(input_ids, attention_mask)
+        hidden, values = self.hidden_and_values(input_ids, attention_mask)
+        return self.lm.logits_from_hidden(hidden), values
 
 
 def ppo_loss(config: PPOConfig, graphdef) -> PPOLoss:
