@@ -7,8 +7,8 @@ the rollout (prefill + KV-cache decode) are jitted with their real shardings, lo
 bytes each device needs for arguments, outputs and temporaries. The frozen reference and reward
 model (sharded like the actor, in ``--frozen-dtype``) are added to the step's total.
 
-    python benchmarks/bench_memory.py                 # all models, meshes of 8 and 32 devices
-    python benchmarks/bench_memory.py --models qwen2.5-0.5b --meshes fsdp=8
+    python benchmarks/bench_memory.py      # all models, meshes of 8 and 32 devices, every precision
+    python benchmarks/bench_memory.py --models qwen2.5-0.5b --devices 8 --precisions bf16,bf16+remat
 
 Computed by XLA's analysis of the CPU-compiled programs, not measured on TPU: TPU layouts and
 fusion differ, so treat the figures as estimates (±20%).

@@ -85,9 +85,10 @@ def step_matmuls(model) -> list[tuple[jax.Array, bool]]:
     the attention output, the MLP in and out projections; then the tied LM head (wte, transposed)."""
     dtype = compute_dtype(model.config)
     kernels = []
-    for block in model.model.h:
-        for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-            kernels.append((layer.kernel[...].astype(dtype), False))  # [in, out]
+    blocks = model.model.h  # stacked: every kernel [L, in, out]
+    for i in range(model.config.num_layers):
+        for layer in (blocks.attn.c_attn, blocks.attn.c_proj, blocks.mlp.c_fc, blocks.mlp.c_proj):
+            kernels.append((layer.kernel[i].astype(dtype), False))  # [in, out]
     kernels.append((model.model.wte.embedding[...].astype(dtype), True))  # [V, D], used as [D, V]
     return kernels
 

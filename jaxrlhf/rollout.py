@@ -172,9 +172,10 @@ def _prefill(lm: CausalLM, input_ids, attention_mask, group_size: int):
     )  # [B, 1, V]
     logits = logits[:, 0]  # [B, V]
     if group_size > 1:
-        logits, cache, attention_mask = jax.tree.map(
-            lambda x: jnp.repeat(x, group_size, axis=0), (logits, cache, attention_mask)
-        )  # [B·G, V], cache [B·G, …], [B·G, P]
+        logits, attention_mask = jax.tree.map(
+            lambda x: jnp.repeat(x, group_size, axis=0), (logits, attention_mask)
+        )  # [B·G, V], [B·G, P]
+        cache = cache.repeat(group_size)  # [L, B·G, K, P, d]
     return logits, cache, attention_mask
 
 

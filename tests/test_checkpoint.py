@@ -147,3 +147,25 @@ def test_sft_resumes_exactly_like_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match=r"SFTConfig differs .* learning_rate"):
         train_sft(model, ids, mask, tu.replace(first, learning_rate=0.5), progress=False)
+
+
+def test_a_checkpoint_with_per_layer_parameters_is_refused_clearly(tmp_path):
+    """A checkpoint written before the blocks were stacked (``layers/0``, ``layers/1``, …) cannot
+    fill today's stacked [L, ...] parameters: refused with the reason, not orbax's tree dump."""
+    from flax import nnx
+
+    from jaxrlhf.models import CausalLM, ModelConfig
+
+    config = ModelConfig(family="llama", vocab_size=32, hidden_size=16, num_layers=2, num_heads=2)
+    params = nnx.to_pure_dict(nnx.state(CausalLM(config, rngs=nnx.Rngs(0)), nnx.Param))
+    stacked = params["model"]["layers"]
+    old = dict(params, model=dict(params["model"], layers={
+        str(i): jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(2)
+    }))  # fmt: skip
+    save_checkpoint(tmp_path, 3, {"params": old})
+    with pytest.raises(ValueError, match=r"step 3.*before the transformer blocks were stacked"):
+        restore_checkpoint(tmp_path, {"params": params})
+    # Any other mismatch names the differing paths.
+    save_checkpoint(tmp_path / "other", 1, {"params": {"a": np.zeros(2)}})
+    with pytest.raises(ValueError, match=r"does not have the structure.*'b'"):
+        restore_checkpoint(tmp_path / "other", {"params": {"b": np.zeros(2)}})

@@ -180,7 +180,7 @@ def test_sharded_checkpoint_and_bfloat16(tmp_path):
         np.asarray(jit_apply(ours, IDS, MASK))[VALID], expected[VALID], atol=1e-4
     )
     half = from_pretrained(tmp_path / "sharded", dtype="bfloat16")
-    assert half.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    assert half.model.layers.mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     logits = np.asarray(jit_apply(half, IDS, MASK))
     assert logits.dtype == np.float32
     # Logits of size ~5 through two bfloat16 layers: a few hundredths of error.

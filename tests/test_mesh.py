@@ -50,12 +50,25 @@ def test_mesh_specs_parse_and_must_cover_the_devices():
 
 def test_every_weight_has_logical_axes_megatron_style():
     # Column-parallel in, row-parallel out; FSDP on the model width; GQA's k/v on their own heads.
-    assert logical_axes("lm/model/layers/0/self_attn/q_proj/kernel", 2) == ("embed", "heads")
-    assert logical_axes("lm/model/layers/0/self_attn/k_proj/kernel", 2) == ("embed", "kv_heads")
-    assert logical_axes("lm/model/layers/0/self_attn/o_proj/kernel", 2) == ("heads", "embed")
-    assert logical_axes("model/layers/3/mlp/down_proj/kernel", 2) == ("mlp", "embed")
-    assert logical_axes("lm/model/h/0/attn/c_attn/kernel", 2) == ("embed", "heads")
-    assert logical_axes("lm/model/h/0/mlp/c_proj/kernel", 2) == ("mlp", "embed")
+    # Block parameters are stacked [L, ...] (scanned layers): a leading "layers" axis, unsplit.
+    assert logical_axes("lm/model/layers/self_attn/q_proj/kernel", 3) == (
+        "layers",
+        "embed",
+        "heads",
+    )
+    assert logical_axes("lm/model/layers/self_attn/k_proj/kernel", 3) == (
+        "layers", "embed", "kv_heads",
+    )  # fmt: skip
+    assert logical_axes("lm/model/layers/self_attn/o_proj/kernel", 3) == (
+        "layers",
+        "heads",
+        "embed",
+    )
+    assert logical_axes("model/layers/mlp/down_proj/kernel", 3) == ("layers", "mlp", "embed")
+    assert logical_axes("model/layers/input_layernorm/weight", 2) == ("layers", "embed")
+    assert logical_axes("lm/model/h/attn/c_attn/kernel", 3) == ("layers", "embed", "heads")
+    assert logical_axes("lm/model/h/mlp/c_proj/kernel", 3) == ("layers", "mlp", "embed")
+    assert logical_axes("lm/model/norm/weight", 1) == ("embed",)
     assert logical_axes("lm/model/wte/embedding", 2) == ("vocab", "embed")
     mesh = make_mesh("fsdp=4,tensor=2")
     for family_config in (tu.tiny_config(), gqa_llama()):
@@ -121,7 +134,7 @@ def test_a_ppo_update_on_a_mesh_equals_one_device(family, mesh):
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in
                zip(jax.tree.leaves(want.params), jax.tree.leaves(params))) > 1e-4  # fmt: skip
     # The new parameters stay where the rules put them.
-    kernel = got.params["lm"]["model"]["layers" if family == "llama" else "h"][0]
+    kernel = got.params["lm"]["model"]["layers" if family == "llama" else "h"]
     assert any(s.spec != jax.sharding.PartitionSpec() for s in
                [x.sharding for x in jax.tree.leaves(kernel)])  # fmt: skip
 

@@ -12,7 +12,14 @@ from models_utils import jit_apply
 
 from jaxrlhf.models import ActorCritic, CausalLM, ModelConfig, RewardModel, ValueModel
 from jaxrlhf.models.heads import last_token_index, scalar_head
-from jaxrlhf.models.layers import causal_mask, positions_from_mask, rope_inv_freq
+from jaxrlhf.models.layers import (
+    causal_mask,
+    dropout,
+    fold_rng,
+    positions_from_mask,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 
 TINY = {
     "vocab_size": 64,
@@ -231,3 +238,74 @@ def test_split_merge_jit_and_grad_over_state():
     assert float(jnp.abs(grads["value_head"]["kernel"][...]).sum()) > 0
     n_params = sum(math.prod(x.shape) for x in leaves)
     assert n_params > 10_000
+
+
+def unrolled_trunk(trunk, input_ids, attention_mask, dropout_rng=None):
+    """The reference for the scanned blocks: a Python loop over the layers, layer l's parameters
+    sliced out of the stack by hand, its dropout key fold_in(rng, l + offset) as the scan's."""
+    config = trunk.config
+    positions = positions_from_mask(attention_mask)
+    mask = causal_mask(attention_mask, input_ids.shape[1])
+    if config.family == "gpt2":  # with GPT2Model's embedding dropout, key fold_in(rng, 0)
+        x = trunk.wte(input_ids) + trunk.wpe(positions)
+        x = dropout(x, config.dropout, fold_rng(dropout_rng, 0))
+        blocks, args, offset, final = trunk.h, (mask,), 1, trunk.ln_f
+    else:
+        x = trunk.embed_tokens(input_ids)
+        args = rope_cos_sin(positions, rope_inv_freq(config)) + (mask,)
+        blocks, offset, final = trunk.layers, 0, trunk.norm
+    graphdef, stacked = nnx.split(blocks)
+    for layer in range(config.num_layers):
+        block = nnx.merge(graphdef, jax.tree.map(lambda p, layer=layer: p[layer], stacked))
+        x, _ = block(x, *args, None, 0, fold_rng(dropout_rng, layer + offset))
+    return final(x)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_layers_equal_the_unrolled_loop(family, remat):
+    config = CONFIGS[family].replace(num_layers=3, dropout=0.1 if family == "gpt2" else 0.0)
+    lm = CausalLM(config, rngs=nnx.Rngs(3))
+    trunk = lm.model
+    blocks = trunk.h if family == "gpt2" else trunk.layers
+    # Every block parameter is one [L, ...] array, and layers differ (each drew its own init).
+    kernel = (blocks.mlp.c_fc if family == "gpt2" else blocks.mlp.up_proj).kernel[...]
+    assert kernel.shape == (3, 32, config.intermediate_size)
+    assert float(jnp.abs(kernel[0] - kernel[1]).max()) > 1e-3
+    rng = jax.random.key(7) if family == "gpt2" else None  # dropout on: the per-layer keys agree
+
+    def scanned(state):
+        model = nnx.merge(graphdef, state)
+        positions, mask = positions_from_mask(MASK), causal_mask(MASK, IDS.shape[1])
+        return model(IDS, positions, mask, dropout_rng=rng, remat=remat)[0]
+
+    def unrolled(state):
+        return unrolled_trunk(nnx.merge(graphdef, state), IDS, MASK, rng)
+
+    graphdef, state = nnx.split(trunk)
+    want, got = jax.jit(unrolled)(state), jax.jit(scanned)(state)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    weights = jax.random.normal(jax.random.key(0), want.shape) / want.size  # a mean-like loss
+
+    def objective(f):
+        return jax.jit(jax.grad(lambda s: jnp.sum(f(s) * weights)))(state)
+
+    for a, b in zip(jax.tree.leaves(objective(scanned)), jax.tree.leaves(objective(unrolled))):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_cached_scan_writes_every_layers_keys(family):
+    """A prompt run through the KV cache in two pieces gives the logits of one pass, and every
+    layer's slice of the stacked cache holds that layer's keys (not a copy of another's)."""
+    config = CONFIGS[family].replace(num_layers=3)
+    lm = CausalLM(config, rngs=nnx.Rngs(0))
+    ids, mask = IDS[1:], MASK[1:]  # [1, 5]
+    positions = positions_from_mask(mask)
+    cache = lm.init_cache(1, 5)
+    first, cache = lm.forward_cached(ids[:, :3], positions[:, :3], mask, cache, 0)
+    second, cache = lm.forward_cached(ids[:, 3:], positions[:, 3:], mask, cache, 3)
+    whole = jit_apply(lm, ids, mask)
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), whole, atol=1e-5, rtol=1e-5)
+    assert cache.keys.shape[0] == 3
+    assert float(jnp.abs(cache.keys[0] - cache.keys[1]).max()) > 1e-3

@@ -37,12 +37,16 @@ def test_decode_chunks_hand_values():
 
 def test_cache_grow_keeps_the_filled_slots_and_adds_zeros():
     cache = KVCache.zeros(CONFIG, 2, 3)
-    keys = tuple(k + i + 1 for i, k in enumerate(cache.keys))  # [2, K, 3, d], nonzero
+    L, K, d = CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim
+    assert cache.keys.shape == (L, 2, K, 3, d)  # stacked like the scanned blocks
+    keys = cache.keys + jnp.arange(1, L + 1)[:, None, None, None, None]  # layer l holds l + 1
     grown = cache.replace(keys=keys, values=keys).grow(5)
-    assert grown.length == 5 and grown.keys[1].shape == (2, CONFIG.num_kv_heads, 5, CONFIG.head_dim)
-    for i in range(CONFIG.num_layers):
-        np.testing.assert_array_equal(grown.keys[i][:, :, :3], keys[i])
-        np.testing.assert_array_equal(grown.values[i][:, :, 3:], 0.0)
+    assert grown.length == 5 and grown.keys.shape == (L, 2, K, 5, d)
+    np.testing.assert_array_equal(grown.keys[:, :, :, :3], keys)
+    np.testing.assert_array_equal(grown.values[:, :, :, 3:], 0.0)
+    repeated = grown.repeat(3)  # each row three times, rows stay in order
+    assert repeated.keys.shape == (L, 6, K, 5, d)
+    np.testing.assert_array_equal(repeated.keys[:, 3:6], jnp.repeat(grown.keys[:, 1:2], 3, axis=1))
     with pytest.raises(ValueError, match="cannot grow a cache of 5 slots to 4"):
         grown.grow(4)
 

@@ -238,7 +238,7 @@ def test_one_program_iteration_on_a_mesh_equals_one_device():
     for a, b in zip(mesh_history, one_history):
         for name in ("reward", "loss", "grad_norm"):
             np.testing.assert_allclose(a[name], b[name], atol=1e-4, rtol=1e-4, err_msg=name)
-    kernel = mesh.state.train.params["model"]["h"][0]["mlp"]["c_fc"]["kernel"][...]
+    kernel = mesh.state.train.params["model"]["h"]["mlp"]["c_fc"]["kernel"][...]
     assert len(kernel.sharding.device_set) == 8  # the parameters stayed sharded
     for a, b in zip(
         jax.tree.leaves(mesh.state.train.params), jax.tree.leaves(one.state.train.params)

@@ -17,12 +17,13 @@ from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.layers import (
     LayerNorm,
     attend_with_cache,
-    call_block,
     dense,
     dropout,
     embedding,
     fold_rng,
     jnp_dtype,
+    scan_blocks,
+    stack_blocks,
 )
 
 
@@ -97,7 +98,8 @@ class GPT2Model(nnx.Module):
         self.config = config
         self.wte = embedding(config, config.vocab_size, config.hidden_size, rngs=rngs)
         self.wpe = embedding(config, config.max_position_embeddings, config.hidden_size, rngs=rngs)
-        self.h = nnx.List([GPT2Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        # One GPT2Block whose parameters are stacked [L, ...] (layers.stack_blocks), scanned over.
+        self.h = stack_blocks(lambda: GPT2Block(config, rngs=rngs), config.num_layers)
         self.ln_f = LayerNorm(config.hidden_size, eps=config.norm_eps, dtype=jnp_dtype(config))
 
     def token_embedding(self):
@@ -115,50 +117,39 @@ class GPT2Model(nnx.Module):
         x = dropout(x, self.config.dropout, fold_rng(dropout_rng, 0))
         if remat is None:
             remat = self.config.remat and cache is None
-        keys, values = [], []
-        for i, block in enumerate(self.h):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = call_block(
-                block, x, mask, layer_cache, cache_index, fold_rng(dropout_rng, i + 1),
-                remat=remat,
-            )  # fmt: skip
-            if cache is not None:
-                keys.append(layer_cache[0])
-                values.append(layer_cache[1])
+        x, cache = scan_blocks(
+            self.h, x, mask, cache=cache, cache_index=cache_index, dropout_rng=dropout_rng,
+            rng_offset=1, remat=remat,
+        )  # fmt: skip
         x = self.ln_f(x)  # [B, T, D]
-        if cache is not None:
-            cache = cache.replace(keys=tuple(keys), values=tuple(values))
         return x, cache
 
 
 def hf_weight_names(config: ModelConfig) -> list[tuple[str, tuple, bool]]:
     """(HF tensor name, path in our trunk's state, transpose?) for every trunk parameter.
 
-    HF's GPT-2 uses Conv1D layers whose weight is already [in, out] like our kernels: no transposes.
+    A name with ``{i}`` is one HF tensor per layer i, all stacked into one parameter [L, ...] of our
+    scanned blocks. HF's GPT-2 uses Conv1D layers whose weight is already [in, out] like our
+    kernels: no transposes.
     """
+    del config  # every GPT-2 has the same tensors
     names = [
         ("transformer.wte.weight", ("wte", "embedding"), False),
         ("transformer.wpe.weight", ("wpe", "embedding"), False),
         ("transformer.ln_f.weight", ("ln_f", "weight"), False),
         ("transformer.ln_f.bias", ("ln_f", "bias"), False),
     ]
-    for i in range(config.num_layers):
-        p = f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            names += [
-                (p + f"{ln}.weight", ("h", i, ln, "weight"), False),
-                (p + f"{ln}.bias", ("h", i, ln, "bias"), False),
-            ]
-        for sub, layer in (
-            ("attn", "c_attn"),
-            ("attn", "c_proj"),
-            ("mlp", "c_fc"),
-            ("mlp", "c_proj"),
-        ):
-            names += [
-                (p + f"{sub}.{layer}.weight", ("h", i, sub, layer, "kernel"), False),
-                (p + f"{sub}.{layer}.bias", ("h", i, sub, layer, "bias"), False),
-            ]
+    p = "transformer.h.{i}."
+    for ln in ("ln_1", "ln_2"):
+        names += [
+            (p + f"{ln}.weight", ("h", ln, "weight"), False),
+            (p + f"{ln}.bias", ("h", ln, "bias"), False),
+        ]
+    for sub, layer in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+        names += [
+            (p + f"{sub}.{layer}.weight", ("h", sub, layer, "kernel"), False),
+            (p + f"{sub}.{layer}.bias", ("h", sub, layer, "bias"), False),
+        ]
     return names
 
 

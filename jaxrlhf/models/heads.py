@@ -85,7 +85,7 @@ def response_hidden(
     def per_response(x):  # [B, ...] → [R, ...]: row i repeated G times
         return x if group_size == 1 else jnp.repeat(x, group_size, axis=0)
 
-    cache = jax.tree.map(per_response, cache).grow(P + N)
+    cache = cache.repeat(group_size).grow(P + N)
     kv_mask = jnp.concatenate(
         [per_response(prompt_mask), response_mask.astype(jnp.int32)], axis=1
     )  # [R, P + N]

@@ -115,40 +115,72 @@ def read_safetensors(path: str | os.PathLike, *, lazy: bool = False) -> dict:
 
 
 def _param(module, path: tuple) -> nnx.Param:
-    """The nnx.Param at ``path`` (attribute names and list indices) under ``module``."""
+    """The nnx.Param at ``path`` (attribute names) under ``module``."""
     obj = module
     for p in path:
-        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
+        obj = getattr(obj, p)
     return obj
 
 
-def _assign(
-    param: nnx.Param, tensor, name: str, *, transpose: bool, dtype, mesh=None, path="", source=""
-):
-    """Set ``param`` from an HF tensor (transposed for Linear kernels: HF stores [out, in]);
-    ``source`` (the checkpoint directory) names where a mis-shaped tensor came from.
+class _Source:
+    """An HF tensor in our layout (transposed for Linear kernels: torch stores [out, in]), or with
+    ``layers`` the per-layer tensors ``name.format(i=l)`` stacked on a leading axis [L, ...] (our
+    scanned blocks). ``read(index)`` reads only the bytes of ``index`` (a tuple of slices in our
+    layout) when the tensors are LazyTensors (sharded loading)."""
 
-    With a device ``mesh`` the tensor is a LazyTensor and each device's block is read straight from
-    the file into the parameter's sharding (``models.sharding``): no process holds the whole tensor.
+    def __init__(self, tensors: dict, name: str, *, transpose: bool, source: str, layers=None):
+        self.name, self.transpose = name, transpose
+        names = [name] if layers is None else [name.format(i=i) for i in range(layers)]
+        self.parts = [_take(tensors, n, source) for n in names]
+        shapes = {tuple(t.shape) for t in self.parts}
+        if len(shapes) > 1:
+            raise CheckpointError(f"{source}: the layers of {name!r} differ in shape: {shapes}")
+        shape = shapes.pop()
+        self.hf_shape = shape  # one layer's shape as HF stores it
+        self.shape = shape[::-1] if transpose else shape
+        self.stacked = layers is not None
+        if self.stacked:
+            self.shape = (layers, *self.shape)
+
+    def _layer(self, tensor, index: tuple):
+        if isinstance(tensor, LazyTensor):
+            piece = tensor.read(index[::-1] if self.transpose else index)
+        else:
+            piece = np.asarray(tensor)[index[::-1] if self.transpose else index]
+        return piece.T if self.transpose else piece
+
+    def read(self, index: tuple = ()) -> np.ndarray:
+        index = tuple(index) or tuple(slice(None) for _ in self.shape)
+        if not self.stacked:
+            return self._layer(self.parts[0], index)
+        layers = range(len(self.parts))[index[0]]
+        return np.stack([self._layer(self.parts[i], index[1:]) for i in layers])
+
+
+def _assign(param: nnx.Param, tensor: _Source, *, dtype, mesh=None, path="", source=""):
+    """Set ``param`` from an HF tensor (``_Source``); ``source`` (the checkpoint directory) names
+    where a mis-shaped tensor came from.
+
+    With a device ``mesh`` the tensors are LazyTensors and each device's block is read straight from
+    the file(s) into the parameter's sharding (``models.sharding``): no process holds the whole
+    tensor, and a stacked parameter's block reads only its layers' slices.
     """
-    shape = tuple(tensor.shape)[::-1] if transpose else tuple(tensor.shape)
-    if shape != tuple(param.shape):
+    if tensor.shape != tuple(param.shape):
+        expected = tuple(param.shape)[1:] if tensor.stacked else tuple(param.shape)
         raise CheckpointError(
-            f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-            f"{tuple(param.shape[::-1]) if transpose else tuple(param.shape)}"
+            f"{source}: tensor {tensor.name!r} has shape {tensor.hf_shape}, expected "
+            f"{expected[::-1] if tensor.transpose else expected}"
         )
     if mesh is None:
-        array = jnp.asarray(tensor)
-        param.set_value((array.T if transpose else array).astype(dtype))
+        param.set_value(jnp.asarray(tensor.read()).astype(dtype))
         return
-    names = logical_axes(path, len(shape))
-    sharding = NamedSharding(mesh, partition_spec(names, shape, mesh))
-
-    def block(index):  # our [in, out] index → the HF [out, in] slice, transposed back
-        piece = tensor.read(tuple(index)[::-1] if transpose else tuple(index))
-        return (piece.T if transpose else piece).astype(dtype)
-
-    param.set_value(jax.make_array_from_callback(shape, sharding, block))
+    names = logical_axes(path, len(tensor.shape))
+    sharding = NamedSharding(mesh, partition_spec(names, tensor.shape, mesh))
+    param.set_value(
+        jax.make_array_from_callback(
+            tensor.shape, sharding, lambda index: tensor.read(index).astype(dtype)
+        )
+    )
 
 
 def _normalise_names(tensors: dict, config: ModelConfig) -> dict:
@@ -172,26 +204,27 @@ def _take(tensors: dict, name: str, path: str):
 
 
 def load_trunk(trunk, tensors: dict, config: ModelConfig, path: str, mesh=None) -> None:
-    """Fill a GPT2Model / LlamaModel from HF tensors, checking names and shapes."""
+    """Fill a GPT2Model / LlamaModel from HF tensors, checking names and shapes; the per-layer
+    tensors (``{i}`` in the family's table) are stacked into the scanned blocks' parameters."""
     dtype = jnp_dtype(config)
     for name, our_path, transpose in FAMILY_MODULES[config.family].hf_weight_names(config):
+        layers = config.num_layers if "{i}" in name else None
         _assign(
             _param(trunk, our_path),
-            _take(tensors, name, path),
-            name,
-            transpose=transpose,
+            _Source(tensors, name, transpose=transpose, source=path, layers=layers),
             dtype=dtype,
             mesh=mesh,
-            path="/".join(map(str, our_path)),
+            path="/".join(our_path),
             source=path,
         )
 
 
 def _load_scalar_head(head: nnx.Linear, tensors: dict, weight: str, bias: str, dtype, path: str):
-    kernel = _take(tensors, weight, path)
-    _assign(head.kernel, kernel, weight, transpose=True, dtype=dtype, source=path)
+    kernel = _Source(tensors, weight, transpose=True, source=path)
+    _assign(head.kernel, kernel, dtype=dtype, source=path)
     if bias in tensors:
-        _assign(head.bias, tensors[bias], bias, transpose=False, dtype=dtype, source=path)
+        _assign(head.bias, _Source(tensors, bias, transpose=False, source=path), dtype=dtype,
+                source=path)  # fmt: skip
 
 
 def from_pretrained(
@@ -261,9 +294,7 @@ def _load_lm_head(lm: CausalLM, tensors: dict, dtype, mesh, path: str) -> None:
     """The untied LM head from ``lm_head.weight`` (HF [V, D], ours [D, V])."""
     _assign(
         lm.lm_head.kernel,
-        _take(tensors, "lm_head.weight", path),
-        "lm_head.weight",
-        transpose=True,
+        _Source(tensors, "lm_head.weight", transpose=True, source=path),
         dtype=dtype,
         mesh=mesh,
         path="lm_head/kernel",
@@ -309,8 +340,10 @@ def hf_tensors(model) -> tuple[dict[str, jnp.ndarray], str]:
     lm = model.lm if isinstance(model, ActorCritic) else model
     tensors = {}
     for name, our_path, transpose in FAMILY_MODULES[config.family].hf_weight_names(config):
-        value = _param(lm.model, our_path)[...]
-        tensors[name] = value.T if transpose else value
+        value = _param(lm.model, our_path)[...]  # [L, ...] for the per-layer names ({i})
+        layers = enumerate(value) if "{i}" in name else [(None, value)]
+        for i, layer in layers:
+            tensors[name.format(i=i)] = layer.T if transpose else layer
     if isinstance(model, (CausalLM, ActorCritic)):
         if lm.lm_head is not None:
             tensors["lm_head.weight"] = lm.lm_head.kernel[...].T

@@ -20,13 +20,13 @@ from jaxrlhf.models.layers import (
     RMSNorm,
     apply_rope,
     attend_with_cache,
-    call_block,
     dense,
     embedding,
-    fold_rng,
     jnp_dtype,
     rope_cos_sin,
     rope_inv_freq,
+    scan_blocks,
+    stack_blocks,
 )
 
 
@@ -100,7 +100,8 @@ class LlamaModel(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed_tokens = embedding(config, config.vocab_size, config.hidden_size, rngs=rngs)
-        self.layers = nnx.List([LlamaBlock(config, rngs=rngs) for _ in range(config.num_layers)])
+        # One LlamaBlock whose parameters are stacked [L, ...] (layers.stack_blocks), scanned over.
+        self.layers = stack_blocks(lambda: LlamaBlock(config, rngs=rngs), config.num_layers)
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps, dtype=jnp_dtype(config))
 
     def token_embedding(self):
@@ -119,54 +120,40 @@ class LlamaModel(nnx.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))  # [B, T, d] each
         if remat is None:
             remat = self.config.remat and cache is None
-        keys, values = [], []
-        for i, block in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = call_block(
-                block, x, cos, sin, mask, layer_cache, cache_index, fold_rng(dropout_rng, i),
-                remat=remat,
-            )  # fmt: skip
-            if cache is not None:
-                keys.append(layer_cache[0])
-                values.append(layer_cache[1])
+        x, cache = scan_blocks(
+            self.layers, x, cos, sin, mask, cache=cache, cache_index=cache_index,
+            dropout_rng=dropout_rng, remat=remat,
+        )  # fmt: skip
         x = self.norm(x)  # [B, T, D]
-        if cache is not None:
-            cache = cache.replace(keys=tuple(keys), values=tuple(values))
         return x, cache
 
 
 def hf_weight_names(config: ModelConfig) -> list[tuple[str, tuple, bool]]:
     """(HF tensor name, path in our trunk's state, transpose?) for every trunk parameter.
 
-    torch.nn.Linear stores weight as [out, in]; our kernels are [in, out]: transpose.
+    A name with ``{i}`` is one HF tensor per layer i, all stacked into one parameter [L, ...] of our
+    scanned blocks. torch.nn.Linear stores weight as [out, in]; our kernels are [in, out]: transpose.
     """
     names = [
         ("model.embed_tokens.weight", ("embed_tokens", "embedding"), False),
         ("model.norm.weight", ("norm", "weight"), False),
     ]
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        names += [
-            (p + "input_layernorm.weight", ("layers", i, "input_layernorm", "weight"), False),
-            (
-                p + "post_attention_layernorm.weight",
-                ("layers", i, "post_attention_layernorm", "weight"),
-                False,
-            ),
-        ]
-        projections = [
-            ("self_attn", "q_proj", config.attention_bias),
-            ("self_attn", "k_proj", config.attention_bias),
-            ("self_attn", "v_proj", config.attention_bias),
-            ("self_attn", "o_proj", config.attention_out_bias),
-            ("mlp", "gate_proj", config.mlp_bias),
-            ("mlp", "up_proj", config.mlp_bias),
-            ("mlp", "down_proj", config.mlp_bias),
-        ]
-        for sub, layer, bias in projections:
-            names.append((p + f"{sub}.{layer}.weight", ("layers", i, sub, layer, "kernel"), True))
-            if bias:
-                names.append((p + f"{sub}.{layer}.bias", ("layers", i, sub, layer, "bias"), False))
+    p = "model.layers.{i}."
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        names.append((p + f"{norm}.weight", ("layers", norm, "weight"), False))
+    projections = [
+        ("self_attn", "q_proj", config.attention_bias),
+        ("self_attn", "k_proj", config.attention_bias),
+        ("self_attn", "v_proj", config.attention_bias),
+        ("self_attn", "o_proj", config.attention_out_bias),
+        ("mlp", "gate_proj", config.mlp_bias),
+        ("mlp", "up_proj", config.mlp_bias),
+        ("mlp", "down_proj", config.mlp_bias),
+    ]
+    for sub, layer, bias in projections:
+        names.append((p + f"{sub}.{layer}.weight", ("layers", sub, layer, "kernel"), True))
+        if bias:
+            names.append((p + f"{sub}.{layer}.bias", ("layers", sub, layer, "bias"), False))
     return names
 
 

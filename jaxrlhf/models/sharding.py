@@ -5,6 +5,7 @@ Every parameter dimension gets a *logical* name by what it indexes (``vocab``, `
 ``kv_heads``, ``mlp``), from the parameter's place in the model (``PARAM_AXES``, one table per
 family); ``LOGICAL_TO_MESH`` then says which mesh axis shards that dimension:
 
+    layers   → (none)   the leading axis of the scanned blocks' stacked parameters
     embed    → fsdp     every large weight is split over the FSDP axis (ZeRO-3 style: all-gathered
                         just in time by GSPMD, gradients reduce-scattered)
     heads    → tensor   Megatron column-parallel q/k/v (and GPT-2's fused qkv), row-parallel output
@@ -43,7 +44,8 @@ LOGICAL_TO_MESH = {
 }
 
 # (regular expression on the parameter's path "a/b/c", logical names of its dimensions); the first
-# match wins. Paths are those of nnx.state(model): e.g. "lm/model/h/0/attn/c_attn/kernel".
+# match wins. Paths are those of nnx.state(model) with the stacked-layer segment taken off (see
+# logical_axes): e.g. "lm/model/attn/c_attn/kernel" for the [L, D, 3D] "lm/model/h/attn/c_attn/kernel".
 PARAM_AXES = (
     # embeddings and the LM head
     (r"(wte|embed_tokens)/embedding$", ("vocab", "embed")),
@@ -116,8 +118,17 @@ def path_string(path) -> str:
     return "/".join(keys)
 
 
+STACKED_BLOCKS = re.compile(r"(^|/)(h|layers)/")
+"""Paths of the scanned blocks' parameters (``layers.stack_blocks``): their first dimension is the
+``layers`` axis, which no mesh axis splits (each device holds its shard of every layer, and the
+scan all-gathers one layer at a time)."""
+
+
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """The logical names of a parameter's dimensions (all None when no rule matches)."""
+    """The logical names of a parameter's dimensions (all None when no rule matches). A block
+    parameter (``STACKED_BLOCKS``) is ``("layers", *its per-layer names)``."""
+    if ndim and STACKED_BLOCKS.search(path):
+        return ("layers", *logical_axes(STACKED_BLOCKS.sub(r"\1", path), ndim - 1))
     for pattern, names in PARAM_AXES:
         if re.search(pattern, path) and len(names) == ndim:
             return names

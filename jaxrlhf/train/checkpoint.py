@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import jax
@@ -135,16 +136,43 @@ def restore_checkpoint(
             if step is None:
                 raise FileNotFoundError(f"no checkpoint under {os.fspath(directory)!r}")
         abstract = jax.tree.map(_abstract, target)
-        restored = manager.restore(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), config=ocp.args.JsonRestore()
-            ),
-        )
+        try:
+            restored = manager.restore(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), config=ocp.args.JsonRestore()
+                ),
+            )
+        except ValueError as err:
+            if "structure" not in str(err).lower():
+                raise
+            raise ValueError(_mismatch_message(directory, int(step), str(err))) from None
     finally:
         manager.close()
     state = jax.tree.map(_uncommitted, restored["state"], target)
     return state, dict(restored["config"] or {})
+
+
+PER_LAYER = re.compile(
+    r"\.(h|layers)\.\d+[.:]"
+)  # "params.lm.model.layers.0.mlp…" in orbax's report
+
+
+def _mismatch_message(directory, step: int, report: str) -> str:
+    """Why a checkpoint does not fit the state it is restored into, in a user's words."""
+    where = f"cannot resume from {os.fspath(directory)!r} (step {step})"
+    if PER_LAYER.search(report):
+        return (
+            f"{where}: it was written by a jaxrlhf from before the transformer blocks were stacked "
+            "into one scanned layer (its parameters are per layer, 'layers.0', 'layers.1', …; "
+            "today's are one [num_layers, ...] array each). Such a checkpoint cannot be resumed: "
+            "start a new run in another directory (exported Hugging Face models still load)."
+        )
+    first = " ".join(report.split())[:400]
+    return (
+        f"{where}: its state does not have the structure of this run's (another model, "
+        f"algorithm or optimiser?); orbax says: {first}"
+    )
 
 
 def _savable(x):
