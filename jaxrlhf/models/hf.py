@@ -13,7 +13,6 @@ ActorCritic's value head.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -26,92 +25,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
-from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from jaxrlhf.logging import note
 from jaxrlhf.models import gpt2, llama
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.heads import ActorCritic, CausalLM, RewardModel, ValueModel, scalar_head
+from jaxrlhf.models.hf_read import (  # noqa: F401 (LazyTensor, read_safetensors: re-exported)
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    LazyTensor,
+    TensorSource,
+    read_safetensors,
+)
 from jaxrlhf.models.layers import jnp_dtype
 from jaxrlhf.models.sharding import host_model, logical_axes, param_shardings, partition_spec
 
 HEADS = {"lm": CausalLM, "actor_critic": ActorCritic, "value": ValueModel, "reward": RewardModel}
 FAMILY_MODULES = {"gpt2": gpt2, "llama": llama}
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 VALUE_HEAD_NAMES = ("v_head.summary.weight", "v_head.summary.bias")  # trl's value head
 SCORE_BIAS_KEY = "jaxrlhf_score_bias"  # config.json key recording a non-zero score bias
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read: names the file or tensor at fault."""
-
-
 # ----------------------------------------------------------------------------- reading
-
-
-class LazyTensor:
-    """One tensor of a safetensors file, read on demand, whole or a slice at a time."""
-
-    def __init__(self, file: str, key: str):
-        self.file, self.key = file, key
-        with safe_open(file, framework="flax") as f:
-            self.shape = tuple(f.get_slice(key).get_shape())
-
-    def read(self, index: tuple = ()) -> np.ndarray:
-        """``tensor[index]`` (a tuple of slices), reading only those bytes from the file."""
-        with safe_open(self.file, framework="flax") as f:
-            piece = f.get_slice(self.key)
-            return np.asarray(piece[index] if index else piece[:])
-
-
-def read_safetensors(path: str | os.PathLike, *, lazy: bool = False) -> dict:
-    """All tensors of a local HF checkpoint directory (single file or sharded) as jax arrays, or
-    with ``lazy`` as :class:`LazyTensor` handles that read slices on demand (sharded loading).
-
-    Refuses pickle checkpoints (``*.bin``, ``*.pt``, ``*.pth``): loading them runs arbitrary code.
-    """
-    path = os.fspath(path)
-    single = os.path.join(path, WEIGHTS_NAME)
-    index = os.path.join(path, WEIGHTS_INDEX_NAME)
-    if os.path.exists(single):
-        files = [single]
-    elif os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no 'weight_map'")
-        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not os.path.exists(file):
-                raise CheckpointError(f"shard {file} named in {index} does not exist")
-    else:
-        pickles = [
-            os.path.basename(p)
-            for ext in ("bin", "pt", "pth", "ckpt")
-            for p in glob.glob(os.path.join(path, f"*.{ext}"))
-        ]
-        if pickles:
-            raise CheckpointError(
-                f"{path} holds only pickle checkpoint(s) {sorted(pickles)}; jaxrlhf reads safetensors "
-                "only (pickle runs arbitrary code). Convert once with transformers: "
-                "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, "
-                "safe_serialization=True)"
-            )
-        raise CheckpointError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {path}")
-    tensors = {}
-    for file in files:
-        try:
-            with safe_open(file, framework="flax") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    tensors[key] = LazyTensor(file, key) if lazy else f.get_tensor(key)
-        except SafetensorError as err:  # a truncated or corrupt file
-            raise CheckpointError(
-                f"{file}: not a readable safetensors file ({err}); it may be truncated: download "
-                "or save it again"
-            ) from err
-    return tensors
 
 
 def _param(module, path: tuple) -> nnx.Param:
@@ -122,43 +59,8 @@ def _param(module, path: tuple) -> nnx.Param:
     return obj
 
 
-class _Source:
-    """An HF tensor in our layout (transposed for Linear kernels: torch stores [out, in]), or with
-    ``layers`` the per-layer tensors ``name.format(i=l)`` stacked on a leading axis [L, ...] (our
-    scanned blocks). ``read(index)`` reads only the bytes of ``index`` (a tuple of slices in our
-    layout) when the tensors are LazyTensors (sharded loading)."""
-
-    def __init__(self, tensors: dict, name: str, *, transpose: bool, source: str, layers=None):
-        self.name, self.transpose = name, transpose
-        names = [name] if layers is None else [name.format(i=i) for i in range(layers)]
-        self.parts = [_take(tensors, n, source) for n in names]
-        shapes = {tuple(t.shape) for t in self.parts}
-        if len(shapes) > 1:
-            raise CheckpointError(f"{source}: the layers of {name!r} differ in shape: {shapes}")
-        shape = shapes.pop()
-        self.hf_shape = shape  # one layer's shape as HF stores it
-        self.shape = shape[::-1] if transpose else shape
-        self.stacked = layers is not None
-        if self.stacked:
-            self.shape = (layers, *self.shape)
-
-    def _layer(self, tensor, index: tuple):
-        if isinstance(tensor, LazyTensor):
-            piece = tensor.read(index[::-1] if self.transpose else index)
-        else:
-            piece = np.asarray(tensor)[index[::-1] if self.transpose else index]
-        return piece.T if self.transpose else piece
-
-    def read(self, index: tuple = ()) -> np.ndarray:
-        index = tuple(index) or tuple(slice(None) for _ in self.shape)
-        if not self.stacked:
-            return self._layer(self.parts[0], index)
-        layers = range(len(self.parts))[index[0]]
-        return np.stack([self._layer(self.parts[i], index[1:]) for i in layers])
-
-
-def _assign(param: nnx.Param, tensor: _Source, *, dtype, mesh=None, path="", source=""):
-    """Set ``param`` from an HF tensor (``_Source``); ``source`` (the checkpoint directory) names
+def _assign(param: nnx.Param, tensor: TensorSource, *, dtype, mesh=None, path="", source=""):
+    """Set ``param`` from an HF tensor (``TensorSource``); ``source`` (the checkpoint directory) names
     where a mis-shaped tensor came from.
 
     With a device ``mesh`` the tensors are LazyTensors and each device's block is read straight from
@@ -197,12 +99,6 @@ def _normalise_names(tensors: dict, config: ModelConfig) -> dict:
     return tensors
 
 
-def _take(tensors: dict, name: str, path: str):
-    if name not in tensors:
-        raise CheckpointError(f"tensor {name!r} is missing from the checkpoint at {path}")
-    return tensors[name]
-
-
 def load_trunk(trunk, tensors: dict, config: ModelConfig, path: str, mesh=None) -> None:
     """Fill a GPT2Model / LlamaModel from HF tensors, checking names and shapes; the per-layer
     tensors (``{i}`` in the family's table) are stacked into the scanned blocks' parameters."""
@@ -211,7 +107,7 @@ def load_trunk(trunk, tensors: dict, config: ModelConfig, path: str, mesh=None) 
         layers = config.num_layers if "{i}" in name else None
         _assign(
             _param(trunk, our_path),
-            _Source(tensors, name, transpose=transpose, source=path, layers=layers),
+            TensorSource(tensors, name, transpose=transpose, source=path, layers=layers),
             dtype=dtype,
             mesh=mesh,
             path="/".join(our_path),
@@ -220,10 +116,10 @@ def load_trunk(trunk, tensors: dict, config: ModelConfig, path: str, mesh=None) 
 
 
 def _load_scalar_head(head: nnx.Linear, tensors: dict, weight: str, bias: str, dtype, path: str):
-    kernel = _Source(tensors, weight, transpose=True, source=path)
+    kernel = TensorSource(tensors, weight, transpose=True, source=path)
     _assign(head.kernel, kernel, dtype=dtype, source=path)
     if bias in tensors:
-        _assign(head.bias, _Source(tensors, bias, transpose=False, source=path), dtype=dtype,
+        _assign(head.bias, TensorSource(tensors, bias, transpose=False, source=path), dtype=dtype,
                 source=path)  # fmt: skip
 
 
@@ -294,7 +190,7 @@ def _load_lm_head(lm: CausalLM, tensors: dict, dtype, mesh, path: str) -> None:
     """The untied LM head from ``lm_head.weight`` (HF [V, D], ours [D, V])."""
     _assign(
         lm.lm_head.kernel,
-        _Source(tensors, "lm_head.weight", transpose=True, source=path),
+        TensorSource(tensors, "lm_head.weight", transpose=True, source=path),
         dtype=dtype,
         mesh=mesh,
         path="lm_head/kernel",
