@@ -101,12 +101,10 @@ class TensorSource:
         shapes = {tuple(t.shape) for t in self.parts}
         if len(shapes) > 1:
             raise CheckpointError(f"{source}: the layers of {name!r} differ in shape: {shapes}")
-        shape = shapes.pop()
-        self.hf_shape = shape  # one layer's shape as HF stores it
-        self.shape = shape[::-1] if transpose else shape
+        self.hf_shape = shapes.pop()  # one layer's shape as HF stores it
         self.stacked = layers is not None
-        if self.stacked:
-            self.shape = (layers, *self.shape)
+        ours = self.hf_shape[::-1] if transpose else self.hf_shape
+        self.shape = (layers, *ours) if self.stacked else ours
 
     def _layer(self, tensor, index: tuple):
         if isinstance(tensor, LazyTensor):

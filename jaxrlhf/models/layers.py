@@ -71,11 +71,6 @@ def stack_blocks(make_block, num_layers: int) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(lambda *layers: jnp.stack(layers), *states))
 
 
-def num_stacked(blocks: nnx.Module) -> int:
-    """L, the leading axis of a :func:`stack_blocks` module's parameters."""
-    return jax.tree.leaves(nnx.state(blocks))[0].shape[0]
-
-
 SAVE_MATMULS = jax.checkpoint_policies.dots_saveable
 """What the scan keeps for the backward pass without remat: every matrix product's output; the
 elementwise work between them (casts, norms, softmax, SwiGLU) is recomputed from those. XLA's fusion
@@ -108,7 +103,7 @@ def scan_blocks(blocks: nnx.Module, x, *args, cache=None, cache_index=0, dropout
 
     policy = jax.checkpoint_policies.nothing_saveable if remat else SAVE_MATMULS
     body = jax.checkpoint(body, prevent_cse=False, policy=policy)
-    layers = jnp.arange(num_stacked(blocks))
+    layers = jnp.arange(jax.tree.leaves(params)[0].shape[0])  # [L]: every parameter's leading axis
     x, layer_caches = jax.lax.scan(body, x, (params, layer_caches, layers))
     if cache is not None:
         cache = cache.replace(keys=layer_caches[0], values=layer_caches[1])
