@@ -286,6 +286,7 @@ def _generate(
     decode loop is laid out."""
     lm = nnx.merge(graphdef, state)
     logits, cache, attention_mask = _prefill(lm, input_ids, attention_mask, group_size)  # [B, V]
+    lm, cache = lm.unstack_layers(), cache.per_layer()  # the decode loop's form (layers.KVCache)
     B, N = logits.shape[0], max_new_tokens  # B = responses
     draw = functools.partial(sample_token, temperature=temperature, top_k=top_k,
                              top_p=top_p if use_top_p else None, greedy=greedy)  # fmt: skip

@@ -309,3 +309,23 @@ def test_the_cached_scan_writes_every_layers_keys(family):
     np.testing.assert_allclose(jnp.concatenate([first, second], 1), whole, atol=1e-5, rtol=1e-5)
     assert cache.keys.shape[0] == 3
     assert float(jnp.abs(cache.keys[0] - cache.keys[1]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_per_layer_loop_that_decodes_equals_the_scan(family):
+    """generate decodes with the blocks unstacked (a Python loop) and the cache per layer: the
+    second piece of a prompt through that form gives the scan's logits and cache."""
+    config = CONFIGS[family].replace(num_layers=3)
+    lm = CausalLM(config, rngs=nnx.Rngs(0))
+    ids, mask = IDS[1:], MASK[1:]  # [1, 5]
+    positions = positions_from_mask(mask)
+    _, cache = lm.forward_cached(ids[:, :3], positions[:, :3], mask, lm.init_cache(1, 5), 0)
+    want, want_cache = lm.forward_cached(ids[:, 3:], positions[:, 3:], mask, cache, 3)
+    looped = lm.unstack_layers()
+    blocks = getattr(looped.model, looped.model.BLOCKS)
+    assert len(blocks) == 3
+    got, got_cache = looped.forward_cached(ids[:, 3:], positions[:, 3:], mask, cache.per_layer(), 3)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert not got_cache.is_stacked
+    np.testing.assert_allclose(got_cache.stacked().keys, want_cache.keys, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got_cache.stacked().values, want_cache.values, atol=1e-5, rtol=1e-5)

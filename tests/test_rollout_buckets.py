@@ -49,6 +49,16 @@ def test_cache_grow_keeps_the_filled_slots_and_adds_zeros():
     np.testing.assert_array_equal(repeated.keys[:, 3:6], jnp.repeat(grown.keys[:, 1:2], 3, axis=1))
     with pytest.raises(ValueError, match="cannot grow a cache of 5 slots to 4"):
         grown.grow(4)
+    # The per-layer form (what the decode loop carries) holds the same numbers, layer by layer, and
+    # grows and repeats to the same numbers.
+    per_layer = cache.replace(keys=keys, values=keys).per_layer()
+    assert not per_layer.is_stacked and len(per_layer.keys) == L
+    assert per_layer.keys[1].shape == (2, K, 3, d) and per_layer.length == 3
+    np.testing.assert_array_equal(per_layer.keys[1], keys[1])
+    for a, b in zip(
+        jax.tree.leaves(per_layer.grow(5).repeat(3).stacked()), jax.tree.leaves(repeated)
+    ):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_gumbel_noise_drawn_ahead_is_the_noise_of_each_steps_key():

@@ -94,6 +94,8 @@ class GPT2Block(nnx.Module):
 class GPT2Model(nnx.Module):
     """The GPT-2 trunk: token ids → final-LayerNorm hidden states [B, T, D]."""
 
+    BLOCKS = "h"  # the attribute holding the stacked blocks (CausalLM.unstack_layers)
+
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.wte = embedding(config, config.vocab_size, config.hidden_size, rngs=rngs)

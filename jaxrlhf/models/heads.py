@@ -28,6 +28,7 @@ from jaxrlhf.models.layers import (
     fold_rng,
     jnp_dtype,
     positions_from_mask,
+    unstack_blocks,
 )
 from jaxrlhf.models.llama import LlamaModel
 from jaxrlhf.models.lm_head import head_logprobs
@@ -209,6 +210,15 @@ class CausalLM(nnx.Module):
         )  # fmt: skip
 
     # ------------------------------------------------------------------ used by rollout.generate
+
+    def unstack_layers(self) -> CausalLM:
+        """This model, changed in place, with its trunk's blocks held as a list of L blocks
+        (``layers.unstack_blocks``), and returned: the form generate decodes with, on a model merged
+        inside ``jax.jit``. Each layer's weights are sliced out of the stack once, before the decode
+        loop, rather than at every step (``layers.KVCache`` says what that cost)."""
+        trunk = self.model
+        setattr(trunk, trunk.BLOCKS, unstack_blocks(getattr(trunk, trunk.BLOCKS)))
+        return self
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An all-zero KV cache of ``length`` slots."""

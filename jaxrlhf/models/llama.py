@@ -97,6 +97,8 @@ class LlamaBlock(nnx.Module):
 class LlamaModel(nnx.Module):
     """The Llama trunk: token ids → final-RMSNorm hidden states [B, T, D]."""
 
+    BLOCKS = "layers"  # the attribute holding the stacked blocks (CausalLM.unstack_layers)
+
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed_tokens = embedding(config, config.vocab_size, config.hidden_size, rngs=rngs)
