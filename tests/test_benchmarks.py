@@ -101,3 +101,4 @@ def test_bench_memory_one_layer(tmp_path):
     assert row["step"]["params_total"] == 4 * params  # float32 master weights
     assert 0 < row["step_gib"] < 8 and 0 < row["rollout_gib"] < row["step_gib"] + 1
     assert row["mesh"] == "fsdp=8" and row["devices"] == 8
+    assert 0 < row["step_compile_s"] < row["measure_s"] and "compile_s" not in row["step"]

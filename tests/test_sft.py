@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from data_utils import sft_policy, small_task, tiny_lm, tokenizer
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxrlhf.train import SFTConfig, next_token_loss, train_sft
 from jaxrlhf.train.reward import split_indices
-from jaxrlhf.train.sft import held_out_loss, next_token_terms
+from jaxrlhf.train.sft import NextTokenLoss, first_target, held_out_loss, next_token_terms
 
 
 @pytest.mark.parametrize("fn", [next_token_loss, jax.jit(next_token_loss)])
@@ -157,3 +158,39 @@ def test_held_out_loss_in_batches_equals_the_whole_batch_loss():
     whole = next_token_loss(model(data[0], data[1]), *data)
     # batches of 3 over 8 rows: the last one padded with rows that count nothing
     np.testing.assert_allclose(held_out_loss(model, data, batch_size=3), whole, rtol=1e-5)
+
+
+def test_first_target_hand_values():
+    # Row 0 counts targets from position 3 (loss mask), row 1 from position 2: the head can skip
+    # position 0 (it predicts position 1, which no row counts); without a loss mask all count.
+    mask = np.array([[1, 1, 1, 1, 1], [0, 1, 1, 1, 0]])
+    loss = np.array([[0, 0, 0, 1, 1], [0, 0, 1, 1, 0]])
+    assert first_target(mask, loss) == 2
+    assert first_target(mask) == 1
+    assert first_target(mask, np.zeros_like(mask)) == 1  # none counts: every position
+    with pytest.raises(ValueError, match="first_target must be ≥ 1"):
+        NextTokenLoss(None, first_target=0)
+
+
+def test_the_head_on_the_counted_positions_only_gives_the_full_loss_and_gradient():
+    """A completion-only loss with the head from ``first_target`` on: the value and gradient of
+    the head on every position (and of next_token_loss on full logits)."""
+    ids, mask, loss_mask = _completion_batch()[:3]
+    start = first_target(mask, loss_mask)
+    assert start > 1  # the prompts are skipped
+    graphdef, params = nnx.split(tiny_lm(len(tokenizer())))
+
+    def mean(loss):
+        def f(p):
+            total, count = loss(p, (ids, mask, loss_mask))["sft/nll"]
+            return total / count
+
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    want, want_grad = mean(NextTokenLoss(graphdef))
+    got, got_grad = mean(NextTokenLoss(graphdef, first_target=start))
+    full = next_token_loss(nnx.merge(graphdef, params)(ids, mask), ids, mask, loss_mask)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got, full, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

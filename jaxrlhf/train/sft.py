@@ -153,19 +153,43 @@ def next_token_loss(logits, input_ids, attention_mask, loss_mask=None):
 @dataclasses.dataclass(frozen=True)
 class NextTokenLoss:
     """The SFT loss of a CausalLM (``graphdef``) on a batch (input_ids, attention_mask) or
-    (input_ids, attention_mask, loss_mask)."""
+    (input_ids, attention_mask, loss_mask).
+
+    ``first_target`` (:func:`first_target`): no token before this position counts in any batch, so
+    the LM head runs on positions first_target − 1 … T − 2 only (a completion-only loss skips the
+    shortest prompt); 1, every position."""
 
     graphdef: Any
     weights: tuple[tuple[str, float], ...] = (("sft/nll", 1.0),)
     logits_chunk_size: int | None = None  # the head on this many tokens at a time (lm_head.py)
+    first_target: int = 1
+
+    def __post_init__(self):
+        if self.first_target < 1:
+            raise ValueError(f"first_target must be ≥ 1 (got {self.first_target})")
 
     def __call__(self, params, batch) -> Means:
         ids, mask, *loss_mask = batch
+        s = self.first_target - 1  # the first position whose prediction can count
+        ids, mask, loss_mask = ids[:, s:], mask[:, s:], [m[:, s:] for m in loss_mask]  # [B, T − s]
         lm = nnx.merge(self.graphdef, params)
+        hidden = lm.hidden(batch[0], batch[1])[:, s:-1]  # [B, T − 1 − s, D]
         logprobs, _ = lm.token_logprobs(
-            lm.hidden(ids, mask)[:, :-1], ids[:, 1:], logits_chunk_size=self.logits_chunk_size
-        )  # [B, T-1]: next_token_terms' values, without the [B, T, V] logits
+            hidden, ids[:, 1:], logits_chunk_size=self.logits_chunk_size
+        )  # [B, T − 1 − s]: next_token_terms' values there, without the [B, T, V] logits
         return {"sft/nll": nll_terms(logprobs, ids, mask, *loss_mask)}
+
+
+def first_target(attention_mask, loss_mask=None) -> int:
+    """The first position t ≥ 1 whose token counts as a target in any row (real, after a real
+    token, and in ``loss_mask``): :class:`NextTokenLoss` skips the head before it. 1 when none
+    counts. attention_mask, loss_mask: [N, T] 0/1 (numpy, the whole training set)."""
+    mask = np.asarray(attention_mask)
+    counted = mask[:, 1:] * mask[:, :-1]  # [N, T − 1]: target t + 1 counts
+    if loss_mask is not None:
+        counted = counted * np.asarray(loss_mask)[:, 1:]
+    hits = np.flatnonzero(counted.any(0))
+    return 1 + int(hits[0]) if hits.size else 1
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -231,7 +255,8 @@ def train_sft(
     note_warmup(config, config.steps, what="SFT")
     graphdef, params = nnx.split(config.trainable(model))
     evals: list[float] = []
-    loss = NextTokenLoss(graphdef, logits_chunk_size=config.logits_chunk_size)
+    loss = NextTokenLoss(graphdef, logits_chunk_size=config.logits_chunk_size,
+                         first_target=first_target(*data[1:]))  # fmt: skip
     state, history = fit(
         config.train_step(loss, config.optimizer, params),
         init_train_state(params, config.optimizer),
