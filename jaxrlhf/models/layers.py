@@ -108,7 +108,8 @@ def scan_blocks(blocks: nnx.Module, x, *args, cache=None, cache_index=0, dropout
         return _loop_blocks(blocks, x, *args, cache=cache, cache_index=cache_index,
                             dropout_rng=dropout_rng, rng_offset=rng_offset)  # fmt: skip
     graphdef, params = nnx.split(blocks)
-    layer_caches = None if cache is None else (cache.stacked().keys, cache.stacked().values)
+    stacked = None if cache is None else cache.stacked()
+    layer_caches = None if cache is None else (stacked.keys, stacked.values)
 
     def body(x, layer):
         layer_params, layer_cache, index = layer
@@ -325,7 +326,7 @@ class KVCache:
     **per layer** (tuples of L arrays [B, K, S, d]; :meth:`per_layer`). The decode loop carries the
     per-layer form: each step writes one slot of each layer's array in place, where the stacked form
     was sliced out and stacked back, a copy of the whole cache at every step (with the per-step
-    slices of stacked weights, the 26M GPT-2 decoded at 0.6× the speed: bench_rollout).
+    slices of stacked weights, the 26M GPT-2 decoded at 0.53× the speed: bench_rollout).
     Heads come before slots so that attention over the cache is a plain batched matrix product: no
     per-step transpose (copy) of the whole cache.
     """

@@ -136,11 +136,17 @@ def nll_terms(logprobs, input_ids, attention_mask, loss_mask=None):
     """:func:`next_token_terms` from the next-token log-probs [B, T − 1] (logprobs[:, t] =
     log π(input_ids[:, t + 1] | input_ids[:, ≤ t])), however they were computed."""
     chex.assert_equal_shape([input_ids, attention_mask])
-    mask = attention_mask[:, 1:] * attention_mask[:, :-1]  # [B, T-1]
     if loss_mask is not None:
         chex.assert_equal_shape([input_ids, loss_mask])
-        mask = mask * loss_mask[:, 1:]  # [B, T-1]
+    mask = counted_targets(attention_mask, loss_mask)  # [B, T-1]
     return -masked_sum(logprobs, mask), jnp.sum(mask.astype(jnp.float32))
+
+
+def counted_targets(attention_mask, loss_mask=None):
+    """[B, T − 1] 0/1: whether token t + 1 counts as a target (real, after a real token, and in
+    ``loss_mask`` when given). attention_mask, loss_mask: [B, T] (jax or numpy arrays)."""
+    mask = attention_mask[:, 1:] * attention_mask[:, :-1]  # [B, T-1]
+    return mask if loss_mask is None else mask * loss_mask[:, 1:]
 
 
 def next_token_loss(logits, input_ids, attention_mask, loss_mask=None):
@@ -171,9 +177,9 @@ class NextTokenLoss:
     def __call__(self, params, batch) -> Means:
         ids, mask, *loss_mask = batch
         s = self.first_target - 1  # the first position whose prediction can count
-        ids, mask, loss_mask = ids[:, s:], mask[:, s:], [m[:, s:] for m in loss_mask]  # [B, T − s]
         lm = nnx.merge(self.graphdef, params)
-        hidden = lm.hidden(batch[0], batch[1])[:, s:-1]  # [B, T − 1 − s, D]
+        hidden = lm.hidden(ids, mask)[:, s:-1]  # [B, T − 1 − s, D]
+        ids, mask, loss_mask = ids[:, s:], mask[:, s:], [m[:, s:] for m in loss_mask]  # [B, T − s]
         logprobs, _ = lm.token_logprobs(
             hidden, ids[:, 1:], logits_chunk_size=self.logits_chunk_size
         )  # [B, T − 1 − s]: next_token_terms' values there, without the [B, T, V] logits
@@ -184,10 +190,8 @@ def first_target(attention_mask, loss_mask=None) -> int:
     """The first position t ≥ 1 whose token counts as a target in any row (real, after a real
     token, and in ``loss_mask``): :class:`NextTokenLoss` skips the head before it. 1 when none
     counts. attention_mask, loss_mask: [N, T] 0/1 (numpy, the whole training set)."""
-    mask = np.asarray(attention_mask)
-    counted = mask[:, 1:] * mask[:, :-1]  # [N, T − 1]: target t + 1 counts
-    if loss_mask is not None:
-        counted = counted * np.asarray(loss_mask)[:, 1:]
+    loss_mask = None if loss_mask is None else np.asarray(loss_mask)
+    counted = counted_targets(np.asarray(attention_mask), loss_mask)  # [N, T − 1]
     hits = np.flatnonzero(counted.any(0))
     return 1 + int(hits[0]) if hits.size else 1
 
