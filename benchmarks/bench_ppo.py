@@ -90,7 +90,7 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
 # ----------------------------------------------------------------------------- jaxrlhf
 
 
-def bench_jaxrlhf(name: str, updates: int) -> dict:
+def bench_jaxrlhf(name: str, updates: int, *, scan_layers: bool = True) -> dict:
     import jax
     import numpy as np
     from flax import nnx
@@ -123,6 +123,7 @@ def bench_jaxrlhf(name: str, updates: int) -> dict:
         critic_init="reward_model",  # like trl: the value model starts as the reward model
         missing_eos_penalty=None,  # trl's default
         recompute_logprobs=False,  # like trl: π_old from the sampler, no extra actor forward
+        scan_layers=scan_layers,
     )
     rng = np.random.default_rng(0)
     prompts = rng.integers(2, VOCAB, size=(BATCH * (updates + 1), PROMPT_LEN)).astype(np.int32)
@@ -364,6 +365,10 @@ def main(argv=None) -> int:
     parser.add_argument("--updates", type=int, default=5, help="timed updates after the first")
     parser.add_argument("--skip-trl", action="store_true", help="time jaxrlhf only")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--no-scan-layers", dest="scan_layers", action="store_false",
+        help="jaxrlhf with its blocks in a Python loop (scan_layers off) instead of a scan",
+    )  # fmt: skip
     parser.add_argument("--trl-only", default=None, help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -378,11 +383,11 @@ def main(argv=None) -> int:
     peak = measure_matmul_peak()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {os.cpu_count()} CPU cores")
     print(f"measured float32 matmul peak (1024³ jnp.matmul): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    results = {"peak_flops": peak, "sizes": {}}
+    results = {"peak_flops": peak, "scan_layers": args.scan_layers, "sizes": {}}
     for name in args.sizes.split(","):
         hidden, layers, _ = SIZES[name]
         flops = sum(matmul_flops(hidden, layers).values())
-        ours = bench_jaxrlhf(name, args.updates)
+        ours = bench_jaxrlhf(name, args.updates, scan_layers=args.scan_layers)
         row = {"jaxrlhf": ours, "flops_per_update": flops}
         row["jaxrlhf"]["flops_per_s"] = flops / ours["update_s"]
         print(

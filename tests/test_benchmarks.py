@@ -60,6 +60,14 @@ def test_bench_update_against_trl_tiny(script, tmp_path):
     assert all(math.isfinite(x) for x in numbers(result))
 
 
+def test_bench_ppo_with_the_blocks_in_a_loop_tiny(tmp_path):
+    _, result = run("bench_ppo.py", "--sizes", "174k", "--updates", "1", "--skip-trl",
+                    "--no-scan-layers", tmp_path=tmp_path)  # fmt: skip
+    assert result["scan_layers"] is False and "trl" not in result["sizes"]["174k"]
+    ours = result["sizes"]["174k"]["jaxrlhf"]
+    assert ours["params"] == 173824 and 0 < ours["update_s"] < ours["first_s"]
+
+
 def test_parameter_count_of_the_174k_model():
     """The count the two tests above expect, from the GPT-2 shapes: embeddings V·D + 128·D, per
     block 12·D² + 13·D (attention 4D² + 4D, MLP 8D² + 5D, two norms 4D), a final norm 2D; the

@@ -149,22 +149,29 @@ def test_sft_resumes_exactly_like_an_uninterrupted_run(tmp_path):
         train_sft(model, ids, mask, tu.replace(first, learning_rate=0.5), progress=False)
 
 
-def test_a_checkpoint_with_per_layer_parameters_is_refused_clearly(tmp_path):
-    """A checkpoint written before the blocks were stacked (``layers/0``, ``layers/1``, …) cannot
-    fill today's stacked [L, ...] parameters: refused with the reason, not orbax's tree dump."""
+def test_a_checkpoint_of_the_other_block_layout_is_refused_clearly(tmp_path):
+    """Blocks held one per layer (``layers/0``, ``layers/1``, …: scan_layers off, or a jaxrlhf from
+    before the blocks were stacked) cannot fill stacked [L, ...] parameters, nor the other way
+    round: refused with the flag that resumes it, not orbax's tree dump; with it, it resumes."""
     from flax import nnx
 
     from jaxrlhf.models import CausalLM, ModelConfig
+    from jaxrlhf.models.heads import with_settings
 
     config = ModelConfig(family="llama", vocab_size=32, hidden_size=16, num_layers=2, num_heads=2)
-    params = nnx.to_pure_dict(nnx.state(CausalLM(config, rngs=nnx.Rngs(0)), nnx.Param))
-    stacked = params["model"]["layers"]
-    old = dict(params, model=dict(params["model"], layers={
-        str(i): jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(2)
-    }))  # fmt: skip
-    save_checkpoint(tmp_path, 3, {"params": old})
-    with pytest.raises(ValueError, match=r"step 3.*before the transformer blocks were stacked"):
+    stacked = CausalLM(config, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(stacked, nnx.Param))
+    listed = nnx.to_pure_dict(nnx.state(with_settings(stacked, scan_layers=False), nnx.Param))
+    assert sorted(listed["model"]["layers"]) == [0, 1]
+    save_checkpoint(tmp_path, 3, {"params": listed})
+    with pytest.raises(ValueError, match=r"step 3.*one per layer.*resume with scan_layers off"):
         restore_checkpoint(tmp_path, {"params": params})
+    restored, _ = restore_checkpoint(tmp_path, {"params": listed})
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(listed)):
+        np.testing.assert_array_equal(a, b)
+    save_checkpoint(tmp_path / "stacked", 2, {"params": params})
+    with pytest.raises(ValueError, match=r"step 2.*stacked.*drop --no-scan-layers"):
+        restore_checkpoint(tmp_path / "stacked", {"params": listed})
     # Any other mismatch names the differing paths.
     save_checkpoint(tmp_path / "other", 1, {"params": {"a": np.zeros(2)}})
     with pytest.raises(ValueError, match=r"does not have the structure.*'b'"):

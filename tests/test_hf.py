@@ -251,3 +251,23 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path, monkeypatch):
     assert (path / "tokenizer.json").read_text() == "{}"  # files we do not write are kept
     assert (path / "model.safetensors").read_bytes() != good
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_list_of_blocks_loads_and_exports_the_same_tensors(name, tmp_path):
+    """scan_layers off: an HF checkpoint loads block by block into the list layout (transformers'
+    logits), and exports the very tensors the stacked layout exports."""
+    listed = from_pretrained(hf_checkpoint(name), scan_layers=False)
+    assert isinstance(listed.model.__dict__[listed.model.BLOCKS], nnx.List)
+    expected = torch_logits(hf_model(name), IDS, MASK)
+    np.testing.assert_allclose(
+        np.asarray(jit_apply(listed, IDS, MASK))[VALID], expected[VALID], atol=1e-4
+    )
+    got, _ = hf_io.hf_tensors(listed)
+    want, _ = hf_io.hf_tensors(from_pretrained(hf_checkpoint(name)))
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    save_pretrained(listed, tmp_path / "out")
+    again = from_pretrained(tmp_path / "out", scan_layers=False)
+    np.testing.assert_array_equal(jit_apply(again, IDS, MASK), jit_apply(listed, IDS, MASK))

@@ -70,8 +70,11 @@ def test_every_weight_has_logical_axes_megatron_style():
     assert logical_axes("lm/model/h/mlp/c_proj/kernel", 3) == ("layers", "mlp", "embed")
     assert logical_axes("lm/model/norm/weight", 1) == ("embed",)
     assert logical_axes("lm/model/wte/embedding", 2) == ("vocab", "embed")
+    # A list of blocks (scan_layers off): block l's parameters, named as a stacked one's, no layer axis.
+    assert logical_axes("lm/model/layers/1/self_attn/k_proj/kernel", 2) == ("embed", "kv_heads")
+    assert logical_axes("lm/model/h/0/mlp/c_fc/kernel", 2) == ("embed", "mlp")
     mesh = make_mesh("fsdp=4,tensor=2")
-    for family_config in (tu.tiny_config(), gqa_llama()):
+    for family_config in (tu.tiny_config(), gqa_llama(), gqa_llama().replace(scan_layers=False)):
         model = CausalLM(family_config, rngs=nnx.Rngs(0))
         shardings = param_shardings(nnx.state(model), mesh)
         specs = {

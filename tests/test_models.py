@@ -11,7 +11,7 @@ from flax import nnx
 from models_utils import jit_apply
 
 from jaxrlhf.models import ActorCritic, CausalLM, ModelConfig, RewardModel, ValueModel
-from jaxrlhf.models.heads import last_token_index, scalar_head
+from jaxrlhf.models.heads import last_token_index, scalar_head, with_settings
 from jaxrlhf.models.layers import (
     causal_mask,
     dropout,
@@ -291,6 +291,43 @@ def test_scanned_layers_equal_the_unrolled_loop(family, remat):
         return jax.jit(jax.grad(lambda s: jnp.sum(f(s) * weights)))(state)
 
     for a, b in zip(jax.tree.leaves(objective(scanned)), jax.tree.leaves(objective(unrolled))):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("remat", [False, True])
+def test_a_list_of_blocks_equals_the_scanned_stack(family, remat):
+    """scan_layers off: the same weights (made in the same order), held as L blocks and run in a
+    Python loop, give the scan's hidden states and gradients; with_settings converts either way."""
+    config = CONFIGS[family].replace(num_layers=3, dropout=0.1 if family == "gpt2" else 0.0)
+    stacked = CausalLM(config, rngs=nnx.Rngs(3))
+    listed = CausalLM(config.replace(scan_layers=False, remat=remat), rngs=nnx.Rngs(3))
+    blocks = getattr(listed.model, listed.model.BLOCKS)
+    assert isinstance(blocks, nnx.List) and len(blocks) == 3
+    converted = with_settings(stacked, scan_layers=False, remat=remat)
+    for a, b in zip(jax.tree.leaves(nnx.state(listed)), jax.tree.leaves(nnx.state(converted))):
+        np.testing.assert_array_equal(a, b)
+    back = with_settings(listed, scan_layers=True, remat=False)
+    for a, b in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(nnx.state(stacked))):
+        np.testing.assert_array_equal(a, b)
+    rng = jax.random.key(7) if family == "gpt2" else None  # dropout on: the per-layer keys agree
+    weights = jax.random.normal(jax.random.key(0), (*IDS.shape, 32)) / IDS.size
+
+    def value_and_grad(model):
+        graphdef, state = nnx.split(model)
+
+        def objective(state):
+            hidden = nnx.merge(graphdef, state).hidden(IDS, MASK, dropout_rng=rng)
+            return jnp.sum(hidden * weights)
+
+        value, grads = jax.jit(jax.value_and_grad(objective))(state)
+        return value, nnx.merge(graphdef, grads)
+
+    want, want_grads = value_and_grad(stacked)
+    got, got_grads = value_and_grad(listed)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    got_grads = with_settings(got_grads, scan_layers=True)  # the gradient in the stacked layout
+    for a, b in zip(jax.tree.leaves(nnx.state(got_grads)), jax.tree.leaves(nnx.state(want_grads))):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 

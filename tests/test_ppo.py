@@ -182,6 +182,39 @@ def test_make_experience_is_the_composition_of_the_rl_functions():
     )
 
 
+@pytest.mark.parametrize("separate_critic", [False, True])
+def test_score_rollout_from_hidden_states_equals_make_experience_on_full_logits(separate_critic):
+    """The PPO loop's jitted scoring reads the LM head at the response positions only, a chunk of
+    3 tokens at a time (a vocabulary and a length that 3 does not divide): the Experience of
+    make_experience on the models' full [B, T, V] logits, to float32 rounding."""
+    from jaxrlhf.rollout import sample
+    from jaxrlhf.train.experience import score_rollout
+
+    config = tu.tiny_ppo_config(temperature=0.7, separate_critic=separate_critic)
+    trainer = tu.tiny_trainer(config)
+    ids, mask = trainer.prompt_batch(0)
+    params = trainer.state.train.params
+    policy = tu.nnx.merge(trainer.graphdef, params)
+    reference = tu.nnx.merge(trainer.reference_graphdef, trainer.reference_state)
+    rollout = sample(policy.lm, ids, mask, config.sampling, jax.random.key(1), eos_token_id=tu.EOS)
+    assert 0 < float(rollout.mask.mean()) < 1  # some responses end early: masks matter
+    scores = tu.target_fraction_reward(ids, mask, rollout)
+    settings = {"kl_estimator": "k3", "gamma": 0.9, "lam": 0.8, "temperature": 0.7,
+                "whiten_rewards": False}  # fmt: skip
+    got, _ = score_rollout(
+        params, trainer.reference_state, ids, mask, rollout, scores, 0.1,
+        policy_graphdef=trainer.graphdef, reference_graphdef=trainer.reference_graphdef,
+        use_sampler_logprobs=False, eos_token_id=tu.EOS, logits_chunk_size=3, **settings,
+    )  # fmt: skip
+    want = make_experience(
+        policy, reference, ids, mask, rollout.tokens, rollout.mask, scores, kl_coef=0.1, **settings
+    )
+    for field in ("logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns"):
+        np.testing.assert_allclose(
+            getattr(got, field), getattr(want, field), atol=1e-5, rtol=1e-5, err_msg=field
+        )
+
+
 def test_make_experience_can_reuse_the_samplers_logprobs():
     # recompute_logprobs=False: log π_old is the rollout's, the actor's logits are not used.
     sampler = jnp.array([[-0.5, -1.0, -2.0], [-0.25, -0.75, 123.0]])  # garbage where masked

@@ -9,7 +9,7 @@ import train_utils as tu
 from flax import nnx
 
 from jaxrlhf.models import CausalLM
-from jaxrlhf.models.heads import with_precision
+from jaxrlhf.models.heads import with_settings
 from jaxrlhf.train import state as st
 from jaxrlhf.train.optim import OptimizerConfig
 from jaxrlhf.train.sft import NextTokenLoss, next_token_loss
@@ -32,13 +32,13 @@ def test_bf16_compute_with_fp32_master_weights_keeps_a_tiny_update():
     # Adam moves every weight by ≈ lr on its first step. At lr = 1e-6 a float32 weight keeps that
     # change; a bfloat16 weight (8 bits of mantissa: spacing ≈ 4e-5 at 0.01) rounds it away.
     model = CausalLM(tu.tiny_config(), rngs=nnx.Rngs(0))
-    mixed = with_precision(model, param_dtype="float32", compute_dtype="bfloat16")
+    mixed = with_settings(model, param_dtype="float32", compute_dtype="bfloat16")
     before, after, _ = one_step(mixed, 1e-6)
     moved = [np.abs(np.asarray(a) - np.asarray(b)) for a, b in
              zip(jax.tree.leaves(after), jax.tree.leaves(before))]  # fmt: skip
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(after))
     assert all(0.5e-6 < float(d.max()) < 2e-6 for d in moved)
-    pure_bf16 = with_precision(model, param_dtype="bfloat16")
+    pure_bf16 = with_settings(model, param_dtype="bfloat16")
     before, after, _ = one_step(pure_bf16, 1e-6)
     for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
         big = np.abs(np.asarray(b, np.float32)) > 0.01
@@ -47,7 +47,7 @@ def test_bf16_compute_with_fp32_master_weights_keeps_a_tiny_update():
 
 def test_bf16_compute_gives_float32_outputs_close_to_float32_compute():
     model = CausalLM(tu.tiny_config("llama", num_heads=4, num_kv_heads=2), rngs=nnx.Rngs(0))
-    mixed = with_precision(model, compute_dtype="bfloat16")
+    mixed = with_settings(model, compute_dtype="bfloat16")
     ids, mask = batch()
     logits, want = mixed(ids, mask), model(ids, mask)
     assert logits.dtype == jnp.float32
@@ -61,7 +61,7 @@ def test_bf16_compute_gives_float32_outputs_close_to_float32_compute():
 def test_remat_gives_the_same_step():
     model = CausalLM(tu.tiny_config("llama", num_heads=4, num_kv_heads=2), rngs=nnx.Rngs(0))
     _, want, want_metrics = one_step(model, 1e-3)
-    _, got, metrics = one_step(with_precision(model, remat=True), 1e-3)
+    _, got, metrics = one_step(with_settings(model, remat=True), 1e-3)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(metrics["grad_norm"], want_metrics["grad_norm"], rtol=1e-6)

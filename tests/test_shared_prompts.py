@@ -16,7 +16,7 @@ from jax.test_util import check_grads
 
 from jaxrlhf import rl
 from jaxrlhf.models import CausalLM, RewardModel
-from jaxrlhf.models.heads import with_precision
+from jaxrlhf.models.heads import with_settings
 from jaxrlhf.models.layers import layer_norm
 from jaxrlhf.rollout import (
     SamplingConfig,
@@ -112,9 +112,16 @@ def test_response_logits_of_shared_prompts_equal_the_full_pass(family):
         return jnp.sum(rl.token_logprobs(logits, responses) * response_mask)
 
     expected = jax.grad(objective)(params, False)
-    for model in (lm, with_precision(lm, remat=True)):  # also with activation checkpointing
+    # Also with activation checkpointing, and over a list of blocks (remat around each block).
+    for model in (
+        lm,
+        with_settings(lm, remat=True),
+        with_settings(lm, remat=True, scan_layers=False),
+    ):
         graphdef, params = nnx.split(model)
         grads = jax.jit(jax.grad(objective), static_argnums=1)(params, True)
+        if not model.config.scan_layers:  # back to the stacked layout to compare leaf by leaf
+            grads = nnx.state(with_settings(nnx.merge(graphdef, grads), scan_layers=True))
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 

@@ -75,6 +75,12 @@ class ModelConfig:
     remat: bool = False
     """Recompute each transformer block's activations in the backward pass (activation
     checkpointing, jax.checkpoint): less memory for one more forward pass; same results."""
+    scan_layers: bool = True
+    """Hold the blocks' parameters stacked [num_layers, ...] and run the trunk as a ``jax.lax.scan``
+    (one block compiled whatever the depth; over a mesh one layer's weights gathered at a time).
+    False: a list of blocks run in a Python loop, which XLA compiles unrolled: compile time grows
+    with depth, but small models train faster on CPU (``benchmarks/bench_ppo.py --no-scan-layers``).
+    Same weights and results either way; Hugging Face checkpoints load into and export from both."""
     initializer_range: float = 0.02
     """Std of the normal initialisation of weight matrices."""
     hf_model_type: str | None = None

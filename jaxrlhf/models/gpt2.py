@@ -22,8 +22,8 @@ from jaxrlhf.models.layers import (
     embedding,
     fold_rng,
     jnp_dtype,
+    make_blocks,
     scan_blocks,
-    stack_blocks,
 )
 
 
@@ -94,14 +94,15 @@ class GPT2Block(nnx.Module):
 class GPT2Model(nnx.Module):
     """The GPT-2 trunk: token ids → final-LayerNorm hidden states [B, T, D]."""
 
-    BLOCKS = "h"  # the attribute holding the stacked blocks (CausalLM.unstack_layers)
+    BLOCKS = "h"  # the attribute holding the blocks (CausalLM.unstack_layers, models.hf)
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.wte = embedding(config, config.vocab_size, config.hidden_size, rngs=rngs)
         self.wpe = embedding(config, config.max_position_embeddings, config.hidden_size, rngs=rngs)
-        # One GPT2Block whose parameters are stacked [L, ...] (layers.stack_blocks), scanned over.
-        self.h = stack_blocks(lambda: GPT2Block(config, rngs=rngs), config.num_layers)
+        # One GPT2Block whose parameters are stacked [L, ...] (layers.stack_blocks), scanned over;
+        # or, with config.scan_layers off, a list of L blocks (layers.make_blocks).
+        self.h = make_blocks(lambda: GPT2Block(config, rngs=rngs), config)
         self.ln_f = LayerNorm(config.hidden_size, eps=config.norm_eps, dtype=jnp_dtype(config))
 
     def token_embedding(self):

@@ -28,6 +28,7 @@ from jaxrlhf.models.layers import (
     fold_rng,
     jnp_dtype,
     positions_from_mask,
+    stack_list,
     unstack_blocks,
 )
 from jaxrlhf.models.llama import LlamaModel
@@ -217,7 +218,9 @@ class CausalLM(nnx.Module):
         inside ``jax.jit``. Each layer's weights are sliced out of the stack once, before the decode
         loop, rather than at every step (``layers.KVCache`` says what that cost)."""
         trunk = self.model
-        setattr(trunk, trunk.BLOCKS, unstack_blocks(getattr(trunk, trunk.BLOCKS)))
+        blocks = getattr(trunk, trunk.BLOCKS)
+        if not isinstance(blocks, nnx.List):  # scan_layers off: a list already
+            setattr(trunk, trunk.BLOCKS, unstack_blocks(blocks))
         return self
 
     def init_cache(self, batch: int, length: int) -> KVCache:
@@ -332,21 +335,24 @@ class RewardModel(nnx.Module):
         return _scalar(self.score, last)
 
 
-def with_precision(
+def with_settings(
     model: nnx.Module,
     *,
     param_dtype: str | None = None,
     compute_dtype: str | None = None,
     remat: bool | None = None,
+    scan_layers: bool | None = None,
 ) -> nnx.Module:
     """The same model (same weights) rebuilt with another parameter dtype (the weights are cast),
-    compute dtype or activation checkpointing (``ModelConfig.dtype / compute_dtype / remat``).
+    compute dtype, activation checkpointing or block layout (``ModelConfig.dtype / compute_dtype /
+    remat / scan_layers``; None keeps the model's).
 
     Works on CausalLM, ActorCritic, ValueModel, RewardModel and on any module whose children are
     those (e.g. a policy with a separate critic). Nothing is initialised: the new module's
     structure comes from ``nnx.eval_shape`` and its values from ``model``.
     """
-    changes = {"dtype": param_dtype, "compute_dtype": compute_dtype, "remat": remat}
+    changes = {"dtype": param_dtype, "compute_dtype": compute_dtype, "remat": remat,
+               "scan_layers": scan_layers}  # fmt: skip
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
         return model
@@ -355,14 +361,28 @@ def with_precision(
         clone = nnx.clone(model)
         for name, child in vars(model).items():
             if isinstance(child, nnx.Module):
-                rebuilt = with_precision(
-                    child, param_dtype=param_dtype, compute_dtype=compute_dtype, remat=remat
-                )
+                rebuilt = with_settings(
+                    child, param_dtype=param_dtype, compute_dtype=compute_dtype, remat=remat,
+                    scan_layers=scan_layers,
+                )  # fmt: skip
                 setattr(clone, name, rebuilt)
         return clone
     new_config = config.replace(**changes)
     rebuilt = nnx.eval_shape(lambda: type(model)(new_config, rngs=nnx.Rngs(0)))
+    if new_config.scan_layers != config.scan_layers:
+        model = _with_block_layout(model, stacked=new_config.scan_layers)
     dtype = jnp_dtype(new_config)
     state = jax.tree.map(lambda x: jnp.asarray(x, dtype), nnx.state(model))
     nnx.update(rebuilt, state)
     return rebuilt
+
+
+def _with_block_layout(model: nnx.Module, *, stacked: bool) -> nnx.Module:
+    """A copy of ``model`` whose trunk holds its blocks stacked (``layers.stack_list``) or as a list
+    (``layers.unstack_blocks``): the state of the other ``scan_layers`` (its config unchanged)."""
+    clone = nnx.clone(model)
+    trunks = [node for _, node in nnx.iter_graph(clone) if hasattr(type(node), "BLOCKS")]
+    for trunk in trunks:
+        blocks = getattr(trunk, trunk.BLOCKS)
+        setattr(trunk, trunk.BLOCKS, stack_list(blocks) if stacked else unstack_blocks(blocks))
+    return clone

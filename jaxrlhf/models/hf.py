@@ -99,18 +99,35 @@ def _normalise_names(tensors: dict, config: ModelConfig) -> dict:
     return tensors
 
 
+def trunk_params(trunk, config: ModelConfig):
+    """(HF name, our nnx.Param, its path, layers, transpose?) for every trunk parameter, in either
+    block layout (``ModelConfig.scan_layers``): a per-layer name (``{i}`` in the family's table) is
+    one stacked parameter [L, ...] (``layers`` = L), or L parameters of a list of blocks (the name
+    formatted with each i, ``layers`` None)."""
+    for name, our_path, transpose in FAMILY_MODULES[config.family].hf_weight_names(config):
+        if "{i}" not in name:
+            yield name, _param(trunk, our_path), "/".join(our_path), None, transpose
+        elif config.scan_layers:
+            path = "/".join(our_path)
+            yield name, _param(trunk, our_path), path, config.num_layers, transpose
+        else:
+            blocks, in_block = getattr(trunk, our_path[0]), our_path[1:]
+            for i, block in enumerate(blocks):
+                path = "/".join((our_path[0], str(i), *in_block))
+                yield name.format(i=i), _param(block, in_block), path, None, transpose
+
+
 def load_trunk(trunk, tensors: dict, config: ModelConfig, path: str, mesh=None) -> None:
     """Fill a GPT2Model / LlamaModel from HF tensors, checking names and shapes; the per-layer
-    tensors (``{i}`` in the family's table) are stacked into the scanned blocks' parameters."""
+    tensors are stacked into the scanned blocks' parameters, or set block by block."""
     dtype = jnp_dtype(config)
-    for name, our_path, transpose in FAMILY_MODULES[config.family].hf_weight_names(config):
-        layers = config.num_layers if "{i}" in name else None
+    for name, param, our_path, layers, transpose in trunk_params(trunk, config):
         _assign(
-            _param(trunk, our_path),
+            param,
             TensorSource(tensors, name, transpose=transpose, source=path, layers=layers),
             dtype=dtype,
             mesh=mesh,
-            path="/".join(our_path),
+            path=our_path,
             source=path,
         )
 
@@ -235,10 +252,9 @@ def hf_tensors(model) -> tuple[dict[str, jnp.ndarray], str]:
     config = model.config
     lm = model.lm if isinstance(model, ActorCritic) else model
     tensors = {}
-    for name, our_path, transpose in FAMILY_MODULES[config.family].hf_weight_names(config):
-        value = _param(lm.model, our_path)[...]  # [L, ...] for the per-layer names ({i})
-        layers = enumerate(value) if "{i}" in name else [(None, value)]
-        for i, layer in layers:
+    for name, param, _, layers, transpose in trunk_params(lm.model, config):
+        value = param[...]  # [L, ...] for a stacked per-layer name
+        for i, layer in enumerate(value) if layers else [(None, value)]:
             tensors[name.format(i=i)] = layer.T if transpose else layer
     if isinstance(model, (CausalLM, ActorCritic)):
         if lm.lm_head is not None:

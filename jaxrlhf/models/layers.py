@@ -56,6 +56,15 @@ def embedding(config: ModelConfig, num: int, dim: int, *, rngs: nnx.Rngs) -> nnx
     )
 
 
+def make_blocks(make_block, config: ModelConfig) -> nnx.Module:
+    """The trunk's ``config.num_layers`` blocks in the layout ``config.scan_layers`` asks for: one
+    stacked module (:func:`stack_blocks`, scanned) or a list of L blocks (run in a Python loop). The
+    two hold the same weights (the blocks are made in the same order) and give the same results."""
+    if config.scan_layers:
+        return stack_blocks(make_block, config.num_layers)
+    return nnx.List([make_block() for _ in range(config.num_layers)])
+
+
 def stack_blocks(make_block, num_layers: int) -> nnx.Module:
     """``num_layers`` blocks as one module of the same class whose every parameter has a leading
     layer axis [L, ...]: what :func:`scan_blocks` scans over.
@@ -66,6 +75,12 @@ def stack_blocks(make_block, num_layers: int) -> nnx.Module:
     checkpoint) nothing is allocated.
     """
     blocks = [make_block() for _ in range(num_layers)]
+    return stack_list(nnx.List(blocks))
+
+
+def stack_list(blocks: nnx.List) -> nnx.Module:
+    """A list of L blocks of one class as one stacked module, parameters [L, ...] (the inverse of
+    :func:`unstack_blocks`)."""
     graphdef, _ = nnx.split(blocks[0])
     states = [nnx.state(block) for block in blocks]
     return nnx.merge(graphdef, jax.tree.map(lambda *layers: jnp.stack(layers), *states))
@@ -100,13 +115,14 @@ def scan_blocks(blocks: nnx.Module, x, *args, cache=None, cache_index=0, dropout
     and recomputes the block's inside, one layer at a time (activation checkpointing); without, it
     keeps the matrix products' outputs (:data:`SAVE_MATMULS`).
     ``cache`` (a :class:`KVCache`) is scanned with the parameters: layer l reads and writes its own
-    slice. ``blocks`` may also be a list (:func:`unstack_blocks`): then a Python loop runs them, with
-    the cache in either of its forms (:meth:`KVCache.per_layer`); that is how generate decodes.
+    slice. ``blocks`` may also be a list (``ModelConfig.scan_layers`` off, or
+    :func:`unstack_blocks`): then a Python loop runs them, with the cache in either of its forms
+    (:meth:`KVCache.per_layer`); that is how generate decodes.
     Returns (x_L, new cache or None), the cache in the form it came in.
     """
     if isinstance(blocks, nnx.List):
         return _loop_blocks(blocks, x, *args, cache=cache, cache_index=cache_index,
-                            dropout_rng=dropout_rng, rng_offset=rng_offset)  # fmt: skip
+                            dropout_rng=dropout_rng, rng_offset=rng_offset, remat=remat)  # fmt: skip
     graphdef, params = nnx.split(blocks)
     stacked = None if cache is None else cache.stacked()
     layer_caches = None if cache is None else (stacked.keys, stacked.values)
@@ -126,16 +142,19 @@ def scan_blocks(blocks: nnx.Module, x, *args, cache=None, cache_index=0, dropout
     return x, cache
 
 
-def _loop_blocks(blocks: nnx.List, x, *args, cache, cache_index, dropout_rng, rng_offset):
+def _loop_blocks(blocks: nnx.List, x, *args, cache, cache_index, dropout_rng, rng_offset, remat):
     """scan_blocks over a list of blocks: layer l in a Python loop, its cache (per layer) updated in
-    place. No remat: decoding takes no gradient."""
+    place. With ``remat`` each block is under ``jax.checkpoint`` (``nothing_saveable``); without,
+    XLA sees the whole unrolled graph and fuses and schedules across layers."""
     layer_caches = None if cache is None else cache.per_layer()
     keys, values = [], []
     for l, block in enumerate(blocks):
         layer_cache = None if cache is None else (layer_caches.keys[l], layer_caches.values[l])
-        x, layer_cache = block(
-            x, *args, layer_cache, cache_index, fold_rng(dropout_rng, l + rng_offset)
-        )
+        rng = fold_rng(dropout_rng, l + rng_offset)
+        if remat:
+            x, layer_cache = _remat_block(block, x, args, layer_cache, cache_index, rng)
+        else:
+            x, layer_cache = block(x, *args, layer_cache, cache_index, rng)
         if cache is not None:
             keys.append(layer_cache[0])
             values.append(layer_cache[1])
@@ -143,6 +162,17 @@ def _loop_blocks(blocks: nnx.List, x, *args, cache, cache_index, dropout_rng, rn
         per_layer = KVCache(keys=tuple(keys), values=tuple(values))
         cache = per_layer.stacked() if cache.is_stacked else per_layer
     return x, cache
+
+
+def _remat_block(block, x, args, layer_cache, cache_index, rng):
+    """One block's forward under ``jax.checkpoint``: the backward pass keeps its input alone."""
+    graphdef, params = nnx.split(block)
+
+    def run(params, x, args, layer_cache, cache_index, rng):
+        return nnx.merge(graphdef, params)(x, *args, layer_cache, cache_index, rng)
+
+    run = jax.checkpoint(run, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    return run(params, x, args, layer_cache, cache_index, rng)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

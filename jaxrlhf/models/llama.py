@@ -23,10 +23,10 @@ from jaxrlhf.models.layers import (
     dense,
     embedding,
     jnp_dtype,
+    make_blocks,
     rope_cos_sin,
     rope_inv_freq,
     scan_blocks,
-    stack_blocks,
 )
 
 
@@ -97,13 +97,14 @@ class LlamaBlock(nnx.Module):
 class LlamaModel(nnx.Module):
     """The Llama trunk: token ids → final-RMSNorm hidden states [B, T, D]."""
 
-    BLOCKS = "layers"  # the attribute holding the stacked blocks (CausalLM.unstack_layers)
+    BLOCKS = "layers"  # the attribute holding the blocks (CausalLM.unstack_layers, models.hf)
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed_tokens = embedding(config, config.vocab_size, config.hidden_size, rngs=rngs)
-        # One LlamaBlock whose parameters are stacked [L, ...] (layers.stack_blocks), scanned over.
-        self.layers = stack_blocks(lambda: LlamaBlock(config, rngs=rngs), config.num_layers)
+        # One LlamaBlock whose parameters are stacked [L, ...] (layers.stack_blocks), scanned over;
+        # or, with config.scan_layers off, a list of L blocks (layers.make_blocks).
+        self.layers = make_blocks(lambda: LlamaBlock(config, rngs=rngs), config)
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps, dtype=jnp_dtype(config))
 
     def token_embedding(self):

@@ -118,16 +118,22 @@ def path_string(path) -> str:
     return "/".join(keys)
 
 
-STACKED_BLOCKS = re.compile(r"(^|/)(h|layers)/")
+STACKED_BLOCKS = re.compile(r"(^|/)(h|layers)/(?!\d+/)")
 """Paths of the scanned blocks' parameters (``layers.stack_blocks``): their first dimension is the
 ``layers`` axis, which no mesh axis splits (each device holds its shard of every layer, and the
 scan all-gathers one layer at a time)."""
 
+LISTED_BLOCKS = re.compile(r"(^|/)(h|layers)/\d+/")
+"""Paths of a list of blocks' parameters (``ModelConfig.scan_layers`` off): block l's parameters
+are named as a stacked block's, without the layer axis."""
+
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """The logical names of a parameter's dimensions (all None when no rule matches). A block
-    parameter (``STACKED_BLOCKS``) is ``("layers", *its per-layer names)``."""
-    if ndim and STACKED_BLOCKS.search(path):
+    """The logical names of a parameter's dimensions (all None when no rule matches). A stacked
+    block parameter (``STACKED_BLOCKS``) is ``("layers", *its per-layer names)``."""
+    if LISTED_BLOCKS.search(path):
+        path = LISTED_BLOCKS.sub(r"\1", path)
+    elif ndim and STACKED_BLOCKS.search(path):
         return ("layers", *logical_axes(STACKED_BLOCKS.sub(r"\1", path), ndim - 1))
     for pattern, names in PARAM_AXES:
         if re.search(pattern, path) and len(names) == ndim:

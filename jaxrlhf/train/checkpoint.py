@@ -38,6 +38,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
+from jaxrlhf.models.sharding import LISTED_BLOCKS, path_string
+
 
 def _manager(directory: str | os.PathLike, *, keep: int | None = None) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
@@ -146,7 +148,7 @@ def restore_checkpoint(
         except ValueError as err:
             if "structure" not in str(err).lower():
                 raise
-            raise ValueError(_mismatch_message(directory, int(step), str(err))) from None
+            raise ValueError(_mismatch_message(directory, int(step), str(err), target)) from None
     finally:
         manager.close()
     state = jax.tree.map(_uncommitted, restored["state"], target)
@@ -158,15 +160,21 @@ PER_LAYER = re.compile(
 )  # "params.lm.model.layers.0.mlp…" in orbax's report
 
 
-def _mismatch_message(directory, step: int, report: str) -> str:
+def _mismatch_message(directory, step: int, report: str, target) -> str:
     """Why a checkpoint does not fit the state it is restored into, in a user's words."""
     where = f"cannot resume from {os.fspath(directory)!r} (step {step})"
     if PER_LAYER.search(report):
+        paths = [path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(target)]
+        if any(LISTED_BLOCKS.search(p) for p in paths):  # the run lists them: the file stacks
+            return (
+                f"{where}: it holds the transformer blocks stacked (one [num_layers, ...] array "
+                "each) and this run holds them one per layer (scan_layers off); resume with "
+                "scan_layers on (the default: drop --no-scan-layers)"
+            )
         return (
-            f"{where}: it was written by a jaxrlhf from before the transformer blocks were stacked "
-            "into one scanned layer (its parameters are per layer, 'layers.0', 'layers.1', …; "
-            "today's are one [num_layers, ...] array each). Such a checkpoint cannot be resumed: "
-            "start a new run in another directory (exported Hugging Face models still load)."
+            f"{where}: it holds the transformer blocks one per layer ('layers.0', 'layers.1', …: "
+            "a run with scan_layers off, or a jaxrlhf from before the blocks were stacked) and "
+            "this run stacks them; resume with scan_layers off (--no-scan-layers)"
         )
     first = " ".join(report.split())[:400]
     return (

@@ -6,8 +6,10 @@
       ── rl.kl_penalized_rewards ────────────▶ rewards [B, N]
       ── rl.gae, rl.masked_whiten ───────────▶ advantages, returns [B, N]
 
-Everything here is a pure function; :func:`score_rollout` is the jitted composition the PPO loop
-calls, with the model structures (graphdefs) and hyperparameters as static arguments.
+Everything here is a pure function. :func:`make_experience` is the readable version on full logits
+(apply functions); :func:`score_rollout` is the jitted composition the PPO loop calls, on the models'
+hidden states with the LM head at the response positions only (:func:`score_tokens`, equal to it),
+with the model structures (graphdefs) and hyperparameters as static arguments.
 """
 
 from __future__ import annotations
@@ -102,6 +104,18 @@ def make_experience(
         policy_apply, reference_apply, prompt_ids, prompt_mask, response_ids, mask,
         temperature=temperature, rollout_logprobs=rollout_logprobs,
     )  # fmt: skip
+    return experience_from_scores(
+        prompt_ids, prompt_mask, response_ids, mask, logprobs, ref_logprobs, values, scores,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, gamma=gamma, lam=lam,
+        whiten_rewards=whiten_rewards,
+    )  # fmt: skip
+
+
+def experience_from_scores(prompt_ids, prompt_mask, response_ids, mask, logprobs, ref_logprobs,
+                           values, scores, *, kl_coef, kl_estimator: str, gamma: float, lam: float,
+                           whiten_rewards: bool) -> Experience:  # fmt: skip
+    """The Experience of a rollout whose tokens are scored (log π_old, log π_ref, V_old [B, N],
+    0 where ``mask`` is 0): :func:`ppo_targets` and the fields together."""
     scores = scores.astype(jnp.float32)
     rewards, advantages, returns = ppo_targets(
         scores, logprobs, ref_logprobs, values, mask, kl_coef=kl_coef, kl_estimator=kl_estimator,
@@ -150,6 +164,47 @@ def _score_tokens(
     return tuple(jnp.where(mask > 0, x, 0.0) for x in (logprobs, ref_logprobs, values))
 
 
+def response_outputs(policy, prompt_ids, prompt_mask, response_ids, response_mask, *,
+                     temperature, logits_chunk_size=None, logprobs=True, entropy=False,
+                     entropy_grad=False):  # fmt: skip
+    """(log π(aₜ|sₜ), Hₜ, V(sₜ)) [B, N] each of a policy (ActorCritic or PolicyWithCritic) at the
+    response tokens, in one trunk pass over prompt ⧺ response: the LM head only at the response
+    positions, ``logits_chunk_size`` tokens at a time (``CausalLM.token_logprobs``), so no
+    [B, T, V] logits. ``logprobs`` False: the head is not run (log π and H come back None)."""
+    P, N = prompt_ids.shape[1], response_ids.shape[1]
+    ids, attention_mask = concat_prompt_response(
+        prompt_ids, prompt_mask, response_ids, response_mask
+    )
+    hidden, values = policy.hidden_and_values(ids, attention_mask)  # [B, T, D], [B, T]
+    hidden, values = response_slice(hidden, P, N), response_slice(values, P, N)  # [B, N, ...]
+    if not logprobs:
+        return None, None, values
+    logprobs, entropy = policy.lm.token_logprobs(
+        hidden, response_ids, temperature=temperature, logits_chunk_size=logits_chunk_size,
+        entropy=entropy, entropy_grad=entropy_grad,
+    )  # fmt: skip
+    return logprobs, entropy, values
+
+
+def score_tokens(policy, reference, prompt_ids, prompt_mask, response_ids, mask, *, temperature,
+                 logits_chunk_size=None, rollout_logprobs=None):  # fmt: skip
+    """log π_old, log π_ref and V_old [B, N] (0 where masked) of the policy and the frozen
+    reference (a CausalLM): what ``_score_tokens`` gives on their full logits, from the hidden
+    states at the response positions (:func:`response_outputs`, ``CausalLM.response_logprobs``)."""
+    logprobs, _, values = response_outputs(
+        policy, prompt_ids, prompt_mask, response_ids, mask, temperature=temperature,
+        logits_chunk_size=logits_chunk_size, logprobs=rollout_logprobs is None,
+    )  # fmt: skip
+    if rollout_logprobs is not None:
+        chex.assert_equal_shape([rollout_logprobs, response_ids])
+        logprobs = rollout_logprobs.astype(jnp.float32)  # [B, N]
+    ref_logprobs, _ = reference.response_logprobs(
+        prompt_ids, prompt_mask, response_ids, mask, temperature=temperature,
+        logits_chunk_size=logits_chunk_size,
+    )  # [B, N]  # fmt: skip
+    return tuple(jnp.where(mask > 0, x, 0.0) for x in (logprobs, ref_logprobs, values))
+
+
 def experience_metrics(
     exp: Experience, *, kl_coef, kl_estimator: str = "k1", eos_token_id: int | None = None
 ) -> dict[str, jax.Array]:
@@ -182,7 +237,7 @@ def experience_metrics(
     jax.jit,
     static_argnames=(
         "policy_graphdef", "reference_graphdef", "kl_estimator", "gamma", "lam", "temperature",
-        "whiten_rewards", "use_sampler_logprobs", "eos_token_id",
+        "whiten_rewards", "use_sampler_logprobs", "eos_token_id", "logits_chunk_size",
     ),
 )  # fmt: skip
 def score_rollout(
@@ -203,27 +258,25 @@ def score_rollout(
     whiten_rewards: bool,
     use_sampler_logprobs: bool,
     eos_token_id: int | None,
+    logits_chunk_size: int | None = None,
 ) -> tuple[Experience, dict[str, jax.Array]]:
-    """:func:`make_experience` of the policy (ActorCritic-like: → logits, values) and the frozen
-    reference on a rollout, plus :func:`experience_metrics` (jitted; β = ``kl_coef`` is traced)."""
+    """:func:`make_experience`'s Experience of the policy (ActorCritic or PolicyWithCritic) and the
+    frozen reference on a rollout, from their hidden states (:func:`score_tokens`: the LM head at
+    the response positions, chunked), plus :func:`experience_metrics` (jitted; β = ``kl_coef`` is
+    traced)."""
     policy = nnx.merge(policy_graphdef, policy_params)
     reference = nnx.merge(reference_graphdef, reference_state)
-    exp = make_experience(
-        policy,
-        reference,
-        prompt_ids,
-        prompt_mask,
-        rollout.tokens,
-        rollout.mask,
-        scores,
-        kl_coef=kl_coef,
-        kl_estimator=kl_estimator,
-        gamma=gamma,
-        lam=lam,
-        temperature=temperature,
-        whiten_rewards=whiten_rewards,
+    mask = rollout.mask.astype(jnp.float32)  # [B, N]
+    logprobs, ref_logprobs, values = score_tokens(
+        policy, reference, prompt_ids, prompt_mask, rollout.tokens, mask,
+        temperature=temperature, logits_chunk_size=logits_chunk_size,
         rollout_logprobs=rollout.logprobs if use_sampler_logprobs else None,
-    )
+    )  # fmt: skip
+    exp = experience_from_scores(
+        prompt_ids, prompt_mask, rollout.tokens, mask, logprobs, ref_logprobs, values, scores,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, gamma=gamma, lam=lam,
+        whiten_rewards=whiten_rewards,
+    )  # fmt: skip
     metrics = experience_metrics(
         exp, kl_coef=kl_coef, kl_estimator=kl_estimator, eos_token_id=eos_token_id
     )

@@ -36,7 +36,6 @@ from flax import nnx, struct
 
 from jaxrlhf import rl
 from jaxrlhf.models import CausalLM
-from jaxrlhf.models.heads import with_precision
 from jaxrlhf.rollout import Rollout, sample
 from jaxrlhf.train.checkpoint import save_checkpoint
 from jaxrlhf.train.experience import RewardModelFn
@@ -398,7 +397,7 @@ class GRPOTrainer:
                  reward_fn, eos_token_id=None, pad_token_id=0) -> GRPOTrainer:  # fmt: skip
         """The actor is a copy of ``sft`` (in float32 with the config's compute dtype / remat); the
         reference is ``sft`` itself (used only when kl_coef > 0)."""
-        return cls(config, config.trainable(sft), with_precision(sft, compute_dtype=config.compute_dtype),
+        return cls(config, config.trainable(sft), config.frozen(sft),
                    reward_fn, prompt_ids, prompt_mask, eos_token_id=eos_token_id,
                    pad_token_id=pad_token_id)  # fmt: skip
 

@@ -22,7 +22,7 @@ import numpy as np
 from jaxrlhf.config import option, require
 from jaxrlhf.logging import note
 from jaxrlhf.logging import progress as progress_bar
-from jaxrlhf.models.heads import with_precision
+from jaxrlhf.models.heads import with_settings
 from jaxrlhf.models.sharding import make_mesh, parse_mesh
 from jaxrlhf.train.checkpoint import latest_step, restore_checkpoint, save_checkpoint
 from jaxrlhf.train.state import PARALLELISM, SKIPPED, ParallelStep, TrainState, make_train_step
@@ -50,6 +50,13 @@ class LoopConfig:
     )
     remat: bool = option(
         False, "Activation checkpointing: recompute each block in the backward pass (less memory)."
+    )
+    scan_layers: bool | None = option(
+        None,
+        "--scan-layers: the transformer blocks stacked and scanned over (compile time flat in "
+        "depth; a mesh gathers one layer at a time). --no-scan-layers: a Python loop over the "
+        "blocks, compiled unrolled; faster for small models on CPU (benchmarks/bench_ppo.py). "
+        "Same results. None: the model's own layout (loaded models: scanned).",
     )
     logits_chunk_size: int | None = option(
         None,
@@ -115,10 +122,20 @@ class LoopConfig:
             raise ValueError(f"{type(self).__name__}.mesh = {self.mesh!r}: {err}") from None
 
     def trainable(self, model):
-        """``model`` in float32 parameters (the master weights) with this compute dtype and remat."""
-        return with_precision(
-            model, param_dtype="float32", compute_dtype=self.compute_dtype, remat=self.remat
-        )
+        """``model`` in float32 parameters (the master weights) with this compute dtype, remat and
+        block layout."""
+        return with_settings(
+            model, param_dtype="float32", compute_dtype=self.compute_dtype, remat=self.remat,
+            scan_layers=self.scan_layers,
+        )  # fmt: skip
+
+    def frozen(self, model, *, param_dtype: str | None = None):
+        """A frozen model (reference, reward model) with this compute dtype and block layout, its
+        parameters cast to ``param_dtype`` (None: as they are)."""
+        return with_settings(
+            model, param_dtype=param_dtype, compute_dtype=self.compute_dtype,
+            scan_layers=self.scan_layers,
+        )  # fmt: skip
 
     def train_step(self, loss, optimizer, params) -> ParallelStep:
         """The train step of ``loss`` with these devices (``state.make_train_step``)."""

@@ -36,7 +36,6 @@ from flax import nnx, struct
 
 from jaxrlhf import rl
 from jaxrlhf.models import ActorCritic, CausalLM, RewardModel, ValueModel
-from jaxrlhf.models.heads import with_precision
 from jaxrlhf.models.sharding import param_shardings
 from jaxrlhf.rollout import sample
 from jaxrlhf.train.checkpoint import save_checkpoint
@@ -268,14 +267,13 @@ class PPOTrainer:
             critic_init=critic_source and config.trainable(critic_source),
             rngs=nnx.Rngs(config.seed),
         )
-        frozen = {"param_dtype": config.frozen_dtype, "compute_dtype": config.compute_dtype}
         if reward_fn is None:
-            reward_model = with_precision(reward_model, **frozen)
+            reward_model = config.frozen(reward_model, param_dtype=config.frozen_dtype)
             reward_fn = reward_model_fn(reward_model, mesh=config.device_mesh())
         return cls(
             config,
             policy,
-            with_precision(sft, **frozen),
+            config.frozen(sft, param_dtype=config.frozen_dtype),
             reward_fn,
             prompt_ids,
             prompt_mask,
@@ -312,7 +310,7 @@ class PPOTrainer:
             policy_graphdef=self.graphdef, reference_graphdef=self.reference_graphdef,
             kl_estimator=c.kl_estimator, gamma=c.gamma, lam=c.lam, temperature=c.temperature,
             whiten_rewards=c.whiten_rewards, use_sampler_logprobs=not c.recompute_logprobs,
-            eos_token_id=self.eos_token_id,
+            eos_token_id=self.eos_token_id, logits_chunk_size=c.logits_chunk_size,
         )  # fmt: skip
         # 4. ppo_epochs × num_minibatches train steps on that fixed Experience
         minibatches = perms.reshape(-1, c.minibatch_size)  # [E · M, b]

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrlhf import rl
-from jaxrlhf.rollout import concat_prompt_response, response_slice
-from jaxrlhf.train.experience import Experience
+from jaxrlhf.train.experience import Experience, response_outputs
 from jaxrlhf.train.state import Means
 
 
@@ -57,19 +56,12 @@ class PPOLoss:
 
     def response_outputs(self, params, batch: Experience):
         """(log π(a_t | s_t), H_t, V(s_t)) of the policy at the response tokens, [b, N] each."""
-        P, N = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-        ids, attention_mask = concat_prompt_response(
-            batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask
-        )
-        policy_model = nnx.merge(self.graphdef, params)
-        hidden, values = policy_model.hidden_and_values(ids, attention_mask)  # [b, T, D], [b, T]
-        hidden, values = response_slice(hidden, P, N), response_slice(values, P, N)
-        logprobs, entropy = policy_model.lm.token_logprobs(
-            hidden, batch.response_ids, temperature=self.temperature,
+        return response_outputs(
+            nnx.merge(self.graphdef, params), batch.prompt_ids, batch.prompt_mask,
+            batch.response_ids, batch.response_mask, temperature=self.temperature,
             logits_chunk_size=self.logits_chunk_size, entropy=True,
             entropy_grad=self.ent_coef != 0,
         )  # fmt: skip
-        return logprobs, entropy, values
 
     def terms(self, logprobs, entropy, values, batch: Experience) -> Means:
         """The (sum, count) table from the response outputs (the loss proper, no model in it)."""
