@@ -100,7 +100,7 @@ def make_experience(
         [prompt_ids, prompt_mask, response_ids, response_mask, scores], [2, 2, 2, 2, 1]
     )
     mask = response_mask.astype(jnp.float32)  # [B, N]
-    logprobs, ref_logprobs, values = _score_tokens(
+    logprobs, ref_logprobs, values = _score_tokens_from_logits(
         policy_apply, reference_apply, prompt_ids, prompt_mask, response_ids, mask,
         temperature=temperature, rollout_logprobs=rollout_logprobs,
     )  # fmt: skip
@@ -144,7 +144,7 @@ def ppo_targets(scores, logprobs, ref_logprobs, values, mask, *, kl_coef, kl_est
     return rewards, rl.masked_whiten(advantages, mask), returns
 
 
-def _score_tokens(
+def _score_tokens_from_logits(
     policy_apply, reference_apply, prompt_ids, prompt_mask, response_ids, mask, *,
     temperature, rollout_logprobs,
 ):  # fmt: skip
@@ -189,8 +189,9 @@ def response_outputs(policy, prompt_ids, prompt_mask, response_ids, response_mas
 def score_tokens(policy, reference, prompt_ids, prompt_mask, response_ids, mask, *, temperature,
                  logits_chunk_size=None, rollout_logprobs=None):  # fmt: skip
     """log π_old, log π_ref and V_old [B, N] (0 where masked) of the policy and the frozen
-    reference (a CausalLM): what ``_score_tokens`` gives on their full logits, from the hidden
-    states at the response positions (:func:`response_outputs`, ``CausalLM.response_logprobs``)."""
+    reference (a CausalLM): what ``_score_tokens_from_logits`` gives on their full logits, from
+    the hidden states at the response positions (:func:`response_outputs`,
+    ``CausalLM.response_logprobs``)."""
     logprobs, _, values = response_outputs(
         policy, prompt_ids, prompt_mask, response_ids, mask, temperature=temperature,
         logits_chunk_size=logits_chunk_size, logprobs=rollout_logprobs is None,
