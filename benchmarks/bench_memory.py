@@ -7,8 +7,14 @@ the rollout (prefill + KV-cache decode) are jitted with their real shardings, lo
 bytes each device needs for arguments, outputs and temporaries. The frozen reference and reward
 model (sharded like the actor, in ``--frozen-dtype``) are added to the step's total.
 
+With ``--lora-rank R`` the step is LoRA's: the base frozen in bfloat16 (an argument of the step,
+not trained), adapters of rank R on every projection and the value head trained in float32 with
+their Adam moments; the reference is the policy with its adapters off (nothing to add), so only the
+reward model is added.
+
     python benchmarks/bench_memory.py      # all models, meshes of 8 and 32 devices, every precision
     python benchmarks/bench_memory.py --models qwen2.5-0.5b --devices 8 --precisions bf16,bf16+remat
+    python benchmarks/bench_memory.py --models llama-3.1-8b --devices 8 --precisions bf16+remat --lora-rank 16
 
 Computed by XLA's analysis of the CPU-compiled programs, not measured on TPU: TPU layouts and
 fusion differ, so treat the figures as estimates (±20%).
@@ -76,13 +82,16 @@ PRECISIONS = {  # name → (compute dtype, remat)
 GIB = 2**30
 
 
-def model_config(name: str, compute_dtype: str, remat: bool, num_layers: int | None = None):
-    """The ModelConfig of ``name``, with ``num_layers`` blocks instead of its own when given."""
+def model_config(name: str, compute_dtype: str, remat: bool, num_layers: int | None = None,
+                 lora_rank: int = 0):  # fmt: skip
+    """The ModelConfig of ``name``, with ``num_layers`` blocks instead of its own when given; with
+    ``lora_rank``, adapters of that rank on a bfloat16 base."""
     from jaxrlhf.models import ModelConfig
 
     sizes = dict(MODELS[name], **({} if num_layers is None else {"num_layers": num_layers}))
+    lora = {"lora_rank": lora_rank, "dtype": "bfloat16"} if lora_rank else {}
     return ModelConfig(family="llama", max_position_embeddings=4096, compute_dtype=compute_dtype,
-                       remat=remat, **sizes)  # fmt: skip
+                       remat=remat, **sizes, **lora)  # fmt: skip
 
 
 def abstract(tree, shardings):
@@ -101,16 +110,18 @@ def step_bytes(config, mesh, *, per_device_batch: int, prompt: int, response: in
     from flax import nnx
 
     from jaxrlhf.models import ActorCritic
+    from jaxrlhf.models.lora import split_trainable
     from jaxrlhf.models.sharding import batch_divisor, batch_sharding
     from jaxrlhf.train import PPOConfig
     from jaxrlhf.train.experience import Experience
     from jaxrlhf.train.ppo import ppo_loss
     from jaxrlhf.train.state import _mesh_step, init_train_state, mesh_layout
 
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: ActorCritic(config, rngs=nnx.Rngs(0))))
+    model = nnx.eval_shape(lambda: ActorCritic(config, rngs=nnx.Rngs(0)))
+    graphdef, params, frozen = split_trainable(model)  # frozen: LoRA's base (else nothing)
     optimizer = PPOConfig().optimizer
-    layout = mesh_layout(params, optimizer, mesh)
-    state_shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer), params)
+    layout = mesh_layout(params, optimizer, mesh, frozen)
+    state_shapes = jax.eval_shape(lambda p, f: init_train_state(p, optimizer, f), params, frozen)
     state = abstract(state_shapes, jax.tree.unflatten(*layout))
     b = per_device_batch * batch_divisor(mesh)
     data = batch_sharding(mesh)
@@ -130,13 +141,15 @@ def step_bytes(config, mesh, *, per_device_batch: int, prompt: int, response: in
     compiled = _mesh_step.lower(state, exp, loss, optimizer, layout).compile()  # its mesh step
     compile_s = time.perf_counter() - start
     stats = compiled.memory_analysis()
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    count = sum(x.size for x in jax.tree.leaves((params, frozen)))
     return {
+        "params_count": count,
+        "trained_count": sum(x.size for x in jax.tree.leaves(params)),
         "arguments": stats.argument_size_in_bytes,
         "outputs": stats.output_size_in_bytes,
         "aliased": stats.alias_size_in_bytes,
         "temporaries": stats.temp_size_in_bytes,
-        "params_total": param_bytes,
+        "params_total": 4 * count,  # the model's bytes in float32
     }, compile_s
 
 
@@ -175,18 +188,21 @@ def measure(name, devices, precision, args) -> dict:
     from jaxrlhf.models.sharding import make_mesh
 
     compute, remat = PRECISIONS[precision]
-    config = model_config(name, compute, remat, args.num_layers)
+    config = model_config(name, compute, remat, args.num_layers, args.lora_rank)
     mesh = make_mesh(MESHES[devices], devices=jax.devices()[:devices])
     sizes = {"per_device_batch": args.per_device_batch, "prompt": args.prompt}
     sizes["response"] = args.response
     step, step_compile_s = step_bytes(config, mesh, **sizes)
     rollout = rollout_bytes(config, mesh, **sizes)
     shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
-    frozen = 2 * step["params_total"] / shards * (0.5 if args.frozen_dtype == "bfloat16" else 1.0)
+    copies = 1 if args.lora_rank else 2  # LoRA: the reference is the policy with adapters off
+    per_param = 2 if args.frozen_dtype == "bfloat16" else 4
+    frozen = copies * step["params_count"] * per_param / shards
     step_total = step["arguments"] + step["outputs"] - step["aliased"] + step["temporaries"]
     return {
         "model": name, "devices": devices, "mesh": MESHES[devices], "precision": precision,
-        "params_b": step["params_total"] / 4 / 1e9,
+        "lora_rank": args.lora_rank, "params_b": step["params_count"] / 1e9,
+        "trained_m": step["trained_count"] / 1e6,
         "step_gib": step_total / GIB, "frozen_gib": frozen / GIB,
         "rollout_gib": (rollout["arguments"] + rollout["outputs"] + rollout["temporaries"]) / GIB,
         "step": step, "rollout": rollout, "step_compile_s": step_compile_s,
@@ -209,6 +225,12 @@ def main(argv=None) -> int:
     parser.add_argument("--response", type=int, default=256, help="response tokens")
     parser.add_argument("--frozen-dtype", default="bfloat16", help="reference / reward model")
     parser.add_argument("--num-layers", type=int, default=None, help="override every model's depth")
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="LoRA's step: adapters of this rank, the base frozen in bf16 (0: full)",
+    )
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     devices = [int(d) for d in args.devices.split(",")]
@@ -225,7 +247,8 @@ def main(argv=None) -> int:
                 row = measure(name, n, precision, args)
                 row["measure_s"] = time.perf_counter() - start  # both programs, built and analysed
                 rows.append(row)
-                print(f"| {name} | {row['params_b']:.2f} B | {n} ({row['mesh']}) | {precision} | "
+                label = precision + (f" + LoRA r={args.lora_rank}" if args.lora_rank else "")
+                print(f"| {name} | {row['params_b']:.2f} B | {n} ({row['mesh']}) | {label} | "
                       f"{row['step_gib']:.2f} | {row['frozen_gib']:.2f} | {row['rollout_gib']:.2f} "
                       f"| {fits(row)} |", flush=True)  # fmt: skip
     if args.json:

@@ -90,7 +90,7 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
 # ----------------------------------------------------------------------------- jaxrlhf
 
 
-def bench_jaxrlhf(name: str, updates: int, *, scan_layers: bool = True) -> dict:
+def bench_jaxrlhf(name: str, updates: int, *, scan_layers: bool = True, lora_rank: int = 0) -> dict:
     import jax
     import numpy as np
     from flax import nnx
@@ -124,6 +124,7 @@ def bench_jaxrlhf(name: str, updates: int, *, scan_layers: bool = True) -> dict:
         missing_eos_penalty=None,  # trl's default
         recompute_logprobs=False,  # like trl: π_old from the sampler, no extra actor forward
         scan_layers=scan_layers,
+        lora_rank=lora_rank,  # LoRA: adapters on the actor and the critic, the reference for free
     )
     rng = np.random.default_rng(0)
     prompts = rng.integers(2, VOCAB, size=(BATCH * (updates + 1), PROMPT_LEN)).astype(np.int32)
@@ -149,6 +150,7 @@ def bench_jaxrlhf(name: str, updates: int, *, scan_layers: bool = True) -> dict:
     return {
         "params": num_params(sft),
         "first_s": first,
+        "lora_rank": lora_rank,
         "update_s": float(np.mean(times)),
         "update_min_s": float(np.min(times)),
         "updates": times,
@@ -369,6 +371,10 @@ def main(argv=None) -> int:
         "--no-scan-layers", dest="scan_layers", action="store_false",
         help="jaxrlhf with its blocks in a Python loop (scan_layers off) instead of a scan",
     )  # fmt: skip
+    parser.add_argument(
+        "--lora-rank", type=int, default=0,
+        help="also time jaxrlhf with LoRA adapters of this rank, in the same run (0: not)",
+    )  # fmt: skip
     parser.add_argument("--trl-only", default=None, help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -404,6 +410,13 @@ def main(argv=None) -> int:
                 f"(first: {theirs['first_s']:.1f} s)  → {row['speedup']:.1f}× faster",
                 flush=True,
             )
+        if args.lora_rank:
+            lora = bench_jaxrlhf(name, args.updates, scan_layers=args.scan_layers,
+                                 lora_rank=args.lora_rank)  # fmt: skip
+            row["jaxrlhf_lora"] = lora
+            row["lora_speedup"] = ours["update_s"] / lora["update_s"]
+            print(f"[{name}] jaxrlhf LoRA r={args.lora_rank}: {lora['update_s']:.4f} s/update "
+                  f"→ {row['lora_speedup']:.2f}× the full update's speed", flush=True)  # fmt: skip
         results["sizes"][name] = row
 
     print()

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -382,3 +382,53 @@ np.testing.assert_allclose(
     jax.grad(kl_shaped_objective)(logits, 0.5),
     atol=1e-6,
 )
+
+# %% [markdown]
+# ## LoRA: the reference model for free
+#
+# With LoRA the policy is the base with a low-rank update on each projection,
+# $W' = W + \Delta W$, $\Delta W = \tfrac{\alpha}{r} A B$ with $A \in \mathbb{R}^{d_\text{in}\times r}$,
+# $B \in \mathbb{R}^{r \times d_\text{out}}$ (Hu et al. 2021); only $A$ and $B$ are trained.
+# $B$ starts at zero, so before the first update the policy *is* the base: the first PPO ratio
+# $\pi_\theta / \pi_\text{old}$ is exactly 1 and the KL to the base is exactly 0. And since the
+# reference is the initial policy, it is the same model with $\Delta W$ switched off: no second copy
+# of the weights. Checked on a tiny GPT-2 against the package:
+
+# %%
+from flax import nnx
+
+from jaxrlhf.models import CausalLM, ModelConfig
+from jaxrlhf.models.lora import adapters_off, merge_lora, split_trainable, with_lora
+
+tiny = ModelConfig(family="gpt2", vocab_size=32, hidden_size=16, num_layers=2, num_heads=2)
+base = CausalLM(tiny, rngs=nnx.Rngs(0))
+policy = with_lora(base, rank=2, alpha=4.0)
+ids = jnp.array([[3, 7, 1, 9, 4, 2]])
+mask = jnp.ones_like(ids)
+
+
+def logprobs(model):
+    return rl.token_logprobs(model(ids, mask)[:, :-1], ids[:, 1:])  # [1, 5]
+
+
+ratio = jnp.exp(logprobs(policy) - logprobs(base))
+np.testing.assert_allclose(ratio, 1.0, atol=1e-6)  # B = 0: the first ratio is 1
+
+# one "update" of the adapters alone (the base is frozen), then the three identities
+graphdef, adapters, frozen = split_trainable(policy)
+adapters = jax.tree.map(lambda x: x + 0.2, adapters)
+policy = nnx.merge(graphdef, adapters, frozen)
+proj = policy.model.h.attn.c_attn  # layer 0 of the stacked blocks: [L, …]
+delta = (4.0 / 2) * proj.lora_a[...][0] @ proj.lora_b[...][0]
+merged = merge_lora(policy)
+np.testing.assert_allclose(
+    merged.model.h.attn.c_attn.kernel[...][0] - proj.kernel[...][0], delta, atol=1e-6
+)  # ΔW = (α/r)·A·B, folded into W for export
+np.testing.assert_allclose(logprobs(merged), logprobs(policy), atol=1e-5)
+reference = adapters_off(policy)  # the same arrays, α/r = 0
+np.testing.assert_array_equal(logprobs(reference), logprobs(base))  # the reference, exactly
+assert float(jnp.abs(logprobs(policy) - logprobs(base)).max()) > 1e-3
+n_adapters = sum(x.size for x in jax.tree.leaves(adapters))
+n_base = sum(x.size for x in jax.tree.leaves(frozen))
+print(f"trained: {n_adapters} adapter numbers; frozen and shared with the reference: {n_base}")
+assert n_adapters == 2 * 2 * ((16 + 48) + (16 + 16) + (16 + 64) + (64 + 16))

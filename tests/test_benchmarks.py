@@ -60,12 +60,15 @@ def test_bench_update_against_trl_tiny(script, tmp_path):
     assert all(math.isfinite(x) for x in numbers(result))
 
 
-def test_bench_ppo_with_the_blocks_in_a_loop_tiny(tmp_path):
+def test_bench_ppo_with_the_blocks_in_a_loop_and_lora_tiny(tmp_path):
     _, result = run("bench_ppo.py", "--sizes", "174k", "--updates", "1", "--skip-trl",
-                    "--no-scan-layers", tmp_path=tmp_path)  # fmt: skip
+                    "--no-scan-layers", "--lora-rank", "1", tmp_path=tmp_path)  # fmt: skip
     assert result["scan_layers"] is False and "trl" not in result["sizes"]["174k"]
-    ours = result["sizes"]["174k"]["jaxrlhf"]
+    row = result["sizes"]["174k"]
+    ours, lora = row["jaxrlhf"], row["jaxrlhf_lora"]
     assert ours["params"] == 173824 and 0 < ours["update_s"] < ours["first_s"]
+    assert ours["lora_rank"] == 0 and lora["lora_rank"] == 1 and 0 < lora["update_s"]
+    assert row["lora_speedup"] == ours["update_s"] / lora["update_s"]
 
 
 def test_parameter_count_of_the_174k_model():
@@ -110,3 +113,27 @@ def test_bench_memory_one_layer(tmp_path):
     assert 0 < row["step_gib"] < 8 and 0 < row["rollout_gib"] < row["step_gib"] + 1
     assert row["mesh"] == "fsdp=8" and row["devices"] == 8
     assert 0 < row["step_compile_s"] < row["measure_s"] and "compile_s" not in row["step"]
+
+
+def test_bench_memory_lora_rank_trains_the_adapters_alone(tmp_path):
+    """--lora-rank 8 on the same one-block Qwen2.5-0.5B: the model's count is unchanged plus the
+    adapters; what is trained is the adapters and the value head."""
+    _, rows = run("bench_memory.py", "--models", "qwen2.5-0.5b", "--num-layers", "1", "--devices",
+                  "8", "--precisions", "bf16+remat", "--per-device-batch", "1", "--prompt", "16",
+                  "--response", "16", "--lora-rank", "8", tmp_path=tmp_path)  # fmt: skip
+    (row,) = rows
+    d, f, kv, r = 896, 4864, 128, 8
+    adapters = r * (
+        (d + d) + 2 * (d + kv) + (d + d) + 2 * (d + f) + (f + d)
+    )  # q k v o gate up down
+    assert row["trained_m"] * 1e6 == adapters + d + 1  # + the value head
+    assert (
+        row["step"]["params_count"]
+        == 151936 * d
+        + (d * d + d + 2 * (d * kv + kv) + d * d + 3 * d * f + 2 * d)
+        + d
+        + d
+        + 1
+        + adapters
+    )
+    assert row["lora_rank"] == 8 and 0 < row["step_gib"] < 2

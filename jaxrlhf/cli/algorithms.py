@@ -28,6 +28,7 @@ from jaxrlhf.cli.common import (
     note,
     print_summary,
     resume,
+    save_policy,
     wrote,
 )
 
@@ -55,7 +56,7 @@ def load_reward_functions(specs: list[str]):
 def cmd_grpo(args) -> int:
     from jaxrlhf.data.preference import DataConfig
     from jaxrlhf.logging import MetricsLogger
-    from jaxrlhf.models.hf import from_pretrained, save_pretrained
+    from jaxrlhf.models.hf import from_pretrained
     from jaxrlhf.train.experience import reward_model_fn
     from jaxrlhf.train.grpo import GRPOTrainer, text_reward_fn
     from jaxrlhf.train.grpo_config import GRPOConfig
@@ -89,14 +90,13 @@ def cmd_grpo(args) -> int:
 
     with MetricsLogger(metrics_path, tensorboard_dir=os.path.join(args.out, "tb")) as log:
         history = trainer.train(callback=callback, progress=not args.quiet)
-    policy_dir = os.path.join(args.out, "policy")
-    save_pretrained(trainer.actor(), policy_dir, tokenizer=tokenizer)
+    written = save_policy(trainer.actor(), args.out, tokenizer=tokenizer, base=policy)
     last = history[-1] if history else {}
     keys = ("reward", "reward_std", "frac_reward_zero_std", "kl", "completions/mean_length")
     summary = {k: last[k] for k in keys if k in last}  # kl: only with β > 0
     report = _grpo_report(args.out, summary, samples)
     print_summary(summary)
-    wrote(args.out, policy=policy_dir, report=report, metrics=metrics_path)
+    wrote(args.out, **written, report=report, metrics=metrics_path)
     return 0
 
 
@@ -126,7 +126,7 @@ def cmd_dpo(args) -> int:
     from jaxrlhf.data.formats import load_preference_dataset
     from jaxrlhf.data.preference import DataConfig, tokenize_pairs
     from jaxrlhf.logging import MetricsLogger
-    from jaxrlhf.models.hf import from_pretrained, save_pretrained
+    from jaxrlhf.models.hf import from_pretrained
     from jaxrlhf.models.tokenizer import load_tokenizer
     from jaxrlhf.report import write_report
     from jaxrlhf.train.dpo import DPOConfig, train_dpo
@@ -147,8 +147,7 @@ def cmd_dpo(args) -> int:
             policy, pairs, config, eval_pairs=eval_pairs,
             progress=not args.quiet, callback=log.log,
         )  # fmt: skip
-    policy_dir = os.path.join(args.out, "policy")
-    save_pretrained(model, policy_dir, tokenizer=tokenizer)
+    written = save_policy(model, args.out, tokenizer=tokenizer, base=directory)
     summary = {
         "eval_implicit_reward_accuracy": metrics["eval_accuracy"][-1]
         if metrics["eval_accuracy"]
@@ -161,7 +160,7 @@ def cmd_dpo(args) -> int:
     report = write_report(os.path.join(args.out, "report.md"), title="jaxrlhf dpo",
                           sections=[("Result", result)])  # fmt: skip
     print_summary(summary)
-    wrote(args.out, policy=policy_dir, report=report, metrics=metrics_path)
+    wrote(args.out, **written, report=report, metrics=metrics_path)
     return 0
 
 

@@ -41,6 +41,23 @@ def get_config(args, cls):
     return config_from_args(cls, args, prefix=PREFIXES.get(cls.__name__, ""))
 
 
+def save_policy(model, out: str, *, tokenizer, base: str | None = None) -> dict[str, str]:
+    """Write the trained policy: ``OUT/policy`` (a Hugging Face model; a LoRA model merged,
+    W + (α / r) · B A) and, with adapters, ``OUT/policy_adapter`` (PEFT's directory, for
+    ``peft.PeftModel.from_pretrained(base, …)``, ``base`` recorded as its base model). Returns
+    {"policy": dir[, "policy_adapter": dir]} for :func:`wrote`."""
+    from jaxrlhf.models.hf import save_pretrained
+    from jaxrlhf.models.lora import has_lora
+    from jaxrlhf.models.peft_adapter import save_adapter
+
+    written = {"policy": os.path.join(out, "policy")}
+    save_pretrained(model, written["policy"], tokenizer=tokenizer)
+    if has_lora(model):
+        written["policy_adapter"] = os.path.join(out, "policy_adapter")
+        save_adapter(model, written["policy_adapter"], base_model=base)
+    return written
+
+
 def add_common(parser, *, resume: bool = False) -> None:
     """``--quiet`` (and ``--resume`` for the commands that checkpoint)."""
     if resume:

@@ -58,6 +58,11 @@ def _scalar_parser(tp, optional: bool, flag: str):
     return parse
 
 
+UNPREFIXED = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter")
+"""Fields whose flag also has an unprefixed spelling (``--lora-rank``), for the first config of a
+command that has them (the trainer's)."""
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser, config_cls, *, prefix: str = "", defaults=None
 ) -> None:
@@ -74,6 +79,10 @@ def add_config_arguments(
         if not field.init:
             continue
         flag = flag_name(field.name, prefix)
+        flags = [flag]
+        plain_flag = flag_name(field.name)
+        if field.name in UNPREFIXED and prefix and plain_flag not in parser._option_string_actions:
+            flags.append(plain_flag)  # --lora-rank for --grpo-lora-rank: one trainer per command
         dest = prefix.replace("-", "_") + field.name
         help_text = plain(field.metadata.get("help", "")).replace("%", "%%")
         default = field.default
@@ -89,16 +98,16 @@ def add_config_arguments(
         else:
             kwargs.update(default=default)
         if tp is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(tp) is typing.Literal:
             choices = typing.get_args(tp)
-            group.add_argument(flag, choices=choices, type=type(choices[0]), **kwargs)
+            group.add_argument(*flags, choices=choices, type=type(choices[0]), **kwargs)
         elif typing.get_origin(tp) is tuple:
             inner = _scalar_parser(typing.get_args(tp)[0], False, flag)
-            group.add_argument(flag, nargs="*", type=inner, metavar=_metavar(flag), **kwargs)
+            group.add_argument(*flags, nargs="*", type=inner, metavar=_metavar(flag), **kwargs)
         else:
             parse = _scalar_parser(tp, optional, flag)
-            group.add_argument(flag, type=parse, metavar=_metavar(flag), **kwargs)
+            group.add_argument(*flags, type=parse, metavar=_metavar(flag), **kwargs)
 
 
 def _metavar(flag: str) -> str:

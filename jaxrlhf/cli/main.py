@@ -38,6 +38,7 @@ from jaxrlhf.cli.common import (
     note,
     print_summary,
     resume,
+    save_policy,
     wrote,
 )
 from jaxrlhf.cli.flags import flag_name
@@ -89,7 +90,7 @@ def cmd_demo(args) -> int:
 def cmd_ppo(args) -> int:
     from jaxrlhf.data.preference import DataConfig
     from jaxrlhf.logging import MetricsLogger
-    from jaxrlhf.models.hf import from_pretrained, save_pretrained
+    from jaxrlhf.models.hf import from_pretrained
     from jaxrlhf.train.distributed import is_main
     from jaxrlhf.train.ppo import PPOConfig, PPOTrainer
 
@@ -116,11 +117,10 @@ def cmd_ppo(args) -> int:
     # Every process runs all of this; metrics, report and policy are written by process 0 only.
     with MetricsLogger(metrics_path, tensorboard_dir=os.path.join(args.out, "tb")) as log:
         trainer.train(callback=callback, progress=not args.quiet and is_main())
-    policy_dir = os.path.join(args.out, "policy")
-    save_pretrained(trainer.actor(), policy_dir, tokenizer=tokenizer)
+    written = save_policy(trainer.actor(), args.out, tokenizer=tokenizer, base=policy)
     if is_main():
         _ppo_report(args.out, metrics_path, samples)
-    wrote(args.out, policy=policy_dir, report=os.path.join(args.out, "report.md"),
+    wrote(args.out, **written, report=os.path.join(args.out, "report.md"),
           metrics=metrics_path)  # fmt: skip
     return 0
 

@@ -22,6 +22,7 @@ from jaxrlhf.cli.common import (
     model_dir,
     note,
     print_summary,
+    save_policy,
     trim_metrics,
     wrote,
 )
@@ -33,7 +34,7 @@ def cmd_sft(args) -> int:
     from jaxrlhf.data.preference import DataConfig
     from jaxrlhf.data.sft import load_sft_dataset
     from jaxrlhf.logging import MetricsLogger
-    from jaxrlhf.models.hf import from_pretrained, save_pretrained
+    from jaxrlhf.models.hf import from_pretrained
     from jaxrlhf.models.tokenizer import load_tokenizer
     from jaxrlhf.train.checkpoint import latest_step
     from jaxrlhf.train.sft import SFTConfig, train_sft
@@ -70,10 +71,10 @@ def cmd_sft(args) -> int:
             progress=not args.quiet,
             callback=lambda step, metrics: log.log(step, record(step, metrics)),
         )
-    save_pretrained(model, os.path.join(args.out, "policy"), tokenizer=tokenizer)
+    written = save_policy(model, args.out, tokenizer=tokenizer, base=directory)
     _sft_report(args, data, train, sft_metrics, metrics_path)
-    wrote(args.out, policy=os.path.join(args.out, "policy"),
-          report=os.path.join(args.out, "report.md"), metrics=metrics_path)  # fmt: skip
+    wrote(args.out, **written, report=os.path.join(args.out, "report.md"),
+          metrics=metrics_path)  # fmt: skip
     return 0
 
 

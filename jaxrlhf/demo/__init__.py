@@ -11,6 +11,7 @@ command line.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from jaxrlhf.demo.algorithms import run_arithmetic, run_dpo
@@ -47,6 +48,10 @@ def run_demo(
     Writes ``report.md``, ``summary.json``, plots, metrics and (``demo.save_models``) the models
     under ``demo.out_dir``; returns the summary.
     """
+    if demo.lora_rank:  # the RL stage trains adapters on the SFT policy (the SFT stays full)
+        ppo, grpo, dpo = (
+            dataclasses.replace(c, lora_rank=demo.lora_rank) for c in (ppo, grpo, dpo)
+        )
     if demo.algo == "ppo":
         return run_ppo_demo(demo, sft, reward, ppo, progress=progress, echo=echo)
     if demo.algo == "dpo":

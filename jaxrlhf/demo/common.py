@@ -62,7 +62,14 @@ class DemoConfig:
         "ppo (with and without KL) | dpo (vs PPO, reviews) | grpo | dr_grpo | rloo (arithmetic).",
     )
 
+    lora_rank: int = option(
+        0,
+        "LoRA adapters of this rank for the RL stage (PPO, GRPO, DPO) instead of a full fine-tune "
+        "(0); the learning rate stays the preset's.",
+    )
+
     def __post_init__(self):
+        require(self.lora_rank >= 0, self, "lora_rank", "must be ≥ 0")
         for name in ("hidden_size", "num_layers", "num_sentences", "num_prompts", "num_pairs"):
             require(getattr(self, name) >= 1, self, name, "must be ≥ 1")
         require(self.num_eval_prompts >= 2, self, "num_eval_prompts", "must be ≥ 2")

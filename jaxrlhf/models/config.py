@@ -19,6 +19,10 @@ FAMILIES = ("gpt2", "llama")
 HF_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
+LORA_TARGETS = {  # the HF names of the blocks' projections (GPT-2's c_proj: attention's and MLP's)
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
 HIDDEN_ACTS = {"gpt2": ("gelu_new", "gelu_pytorch_tanh", "gelu"), "llama": ("silu",)}
 
 
@@ -83,6 +87,12 @@ class ModelConfig:
     Same weights and results either way; Hugging Face checkpoints load into and export from both."""
     initializer_range: float = 0.02
     """Std of the normal initialisation of weight matrices."""
+    lora_rank: int = 0
+    """Rank r of the LoRA adapters on the blocks' projections (``models.lora``); 0: none."""
+    lora_alpha: float = 32.0
+    """LoRA's α: an adapter adds (α / r) · B · A to its projection."""
+    lora_targets: tuple[str, ...] | None = None
+    """The HF names of the projections with adapters (``LORA_TARGETS``); None: all (``all-linear``)."""
     hf_model_type: str | None = None
     """The HF model_type written by to_hf ("gpt2", "llama", "qwen2", "mistral"); None means family."""
     pad_token_id: int | None = None
@@ -94,7 +104,8 @@ class ModelConfig:
 
     def __post_init__(self):
         # Fields left to their None default and filled in below; replace() recomputes them.
-        derived = ("num_kv_heads", "head_dim", "intermediate_size", "hidden_act", "hf_model_type")
+        derived = ("num_kv_heads", "head_dim", "intermediate_size", "hidden_act", "hf_model_type",
+                   "lora_targets")  # fmt: skip
         object.__setattr__(self, "_derived", tuple(n for n in derived if getattr(self, n) is None))
         self._check_shapes()
         self._check_hyperparameters()
@@ -165,6 +176,19 @@ class ModelConfig:
             )
         if not self.initializer_range > 0:
             raise ValueError("ModelConfig.initializer_range must be > 0")
+        self._check_lora()
+
+    def _check_lora(self):
+        """lora_rank ≥ 0, α > 0 and the target names of the family; fills lora_targets."""
+        if not (isinstance(self.lora_rank, int) and self.lora_rank >= 0 and self.lora_alpha > 0):
+            raise ValueError(f"ModelConfig.lora_rank ({self.lora_rank!r}) must be an int ≥ 0 and "
+                             f"lora_alpha ({self.lora_alpha}) > 0")  # fmt: skip
+        names = LORA_TARGETS[self.family]
+        targets = names if self.lora_targets is None else tuple(self.lora_targets)
+        if not targets or not set(targets) <= set(names):
+            raise ValueError(f"ModelConfig.lora_targets {targets}: a {self.family} model's "
+                             f"projections are {', '.join(names)}")  # fmt: skip
+        object.__setattr__(self, "lora_targets", targets)
 
     def _check_hf_metadata(self):
         """hf_model_type (filled from family) and the special token ids."""

@@ -32,8 +32,8 @@ class GPT2Attention(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         D = config.hidden_size
-        self.c_attn = dense(config, D, 3 * D, bias=True, rngs=rngs)
-        self.c_proj = dense(config, D, D, bias=True, rngs=rngs)
+        self.c_attn = dense(config, D, 3 * D, bias=True, rngs=rngs, name="c_attn")
+        self.c_proj = dense(config, D, D, bias=True, rngs=rngs, name="c_proj")
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.dropout = config.dropout
@@ -60,12 +60,9 @@ class GPT2MLP(nnx.Module):
     """c_proj(gelu(c_fc(x))), GELU in the tanh approximation for "gelu_new" (as HF)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.c_fc = dense(
-            config, config.hidden_size, config.intermediate_size, bias=True, rngs=rngs
-        )
-        self.c_proj = dense(
-            config, config.intermediate_size, config.hidden_size, bias=True, rngs=rngs
-        )
+        D, F = config.hidden_size, config.intermediate_size
+        self.c_fc = dense(config, D, F, bias=True, rngs=rngs, name="c_fc")
+        self.c_proj = dense(config, F, D, bias=True, rngs=rngs, name="c_proj")
         self.approximate = config.hidden_act != "gelu"
         self.dropout = config.dropout
 

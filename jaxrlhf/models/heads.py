@@ -33,6 +33,7 @@ from jaxrlhf.models.layers import (
 )
 from jaxrlhf.models.llama import LlamaModel
 from jaxrlhf.models.lm_head import head_logprobs
+from jaxrlhf.models.lora import LoRAParam
 
 
 def make_trunk(config: ModelConfig, *, rngs: nnx.Rngs):
@@ -372,8 +373,8 @@ def with_settings(
     if new_config.scan_layers != config.scan_layers:
         model = _with_block_layout(model, stacked=new_config.scan_layers)
     dtype = jnp_dtype(new_config)
-    state = jax.tree.map(lambda x: jnp.asarray(x, dtype), nnx.state(model))
-    nnx.update(rebuilt, state)
+    base = jax.tree.map(lambda x: jnp.asarray(x, dtype), nnx.state(model, nnx.Not(LoRAParam)))
+    nnx.update(rebuilt, base, nnx.state(model, LoRAParam))  # adapters stay float32
     return rebuilt
 
 

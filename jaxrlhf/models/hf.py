@@ -40,6 +40,7 @@ from jaxrlhf.models.hf_read import (  # noqa: F401 (LazyTensor, read_safetensors
     read_safetensors,
 )
 from jaxrlhf.models.layers import jnp_dtype
+from jaxrlhf.models.lora import merge_lora
 from jaxrlhf.models.sharding import host_model, logical_axes, param_shardings, partition_spec
 
 HEADS = {"lm": CausalLM, "actor_critic": ActorCritic, "value": ValueModel, "reward": RewardModel}
@@ -249,6 +250,7 @@ def hf_tensors(model) -> tuple[dict[str, jnp.ndarray], str]:
     """The HF tensors of a model and the HF architecture kind ("CausalLM" / "SequenceClassification")."""
     if not isinstance(model, tuple(HEADS.values())):
         raise TypeError(f"cannot export {type(model).__name__}; expected one of {list(HEADS)}")
+    model = merge_lora(model)  # W + (α / r) A B: transformers reads a plain model
     config = model.config
     lm = model.lm if isinstance(model, ActorCritic) else model
     tensors = {}
@@ -302,6 +304,7 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, pad_token
     if jax.process_index() != 0:
         return
     tensors, architecture = hf_tensors(model)
+    model = merge_lora(model)
     config = model.config.replace(**special_token_ids(model.config, tokenizer, pad_token_id))
     hf_config = config.to_hf(architecture=architecture)
     generation = None

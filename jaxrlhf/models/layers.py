@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.lora import LoRALinear, is_target
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -30,18 +31,23 @@ def compute_dtype(config: ModelConfig):
     return DTYPES[config.compute_dtype or config.dtype]
 
 
-def dense(config: ModelConfig, d_in: int, d_out: int, *, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+def dense(
+    config: ModelConfig, d_in: int, d_out: int, *, bias: bool, rngs: nnx.Rngs, name: str
+) -> nnx.Linear:
     """A Linear layer, kernel [d_in, d_out] ~ N(0, initializer_range²), zero bias; parameters in
-    the parameter dtype, inputs and kernel cast to the compute dtype for the matmul."""
-    return nnx.Linear(
-        d_in,
-        d_out,
-        use_bias=bias,
-        kernel_init=nnx.initializers.normal(config.initializer_range),
-        dtype=compute_dtype(config),
-        param_dtype=jnp_dtype(config),
-        rngs=rngs,
-    )
+    the parameter dtype, inputs and kernel cast to the compute dtype for the matmul. ``name`` is
+    the projection's Hugging Face name: a LoRA target of the config (``config.lora_targets``) is a
+    ``lora.LoRALinear``, the same layer plus an adapter."""
+    kw = {
+        "use_bias": bias,
+        "kernel_init": nnx.initializers.normal(config.initializer_range),
+        "dtype": compute_dtype(config),
+        "param_dtype": jnp_dtype(config),
+        "rngs": rngs,
+    }
+    if is_target(config, name):
+        return LoRALinear(d_in, d_out, rank=config.lora_rank, alpha=config.lora_alpha, **kw)
+    return nnx.Linear(d_in, d_out, **kw)
 
 
 def embedding(config: ModelConfig, num: int, dim: int, *, rngs: nnx.Rngs) -> nnx.Embed:

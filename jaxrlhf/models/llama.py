@@ -36,10 +36,11 @@ class LlamaAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         D, H, K, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         bias = config.attention_bias
-        self.q_proj = dense(config, D, H * d, bias=bias, rngs=rngs)
-        self.k_proj = dense(config, D, K * d, bias=bias, rngs=rngs)
-        self.v_proj = dense(config, D, K * d, bias=bias, rngs=rngs)
-        self.o_proj = dense(config, H * d, D, bias=config.attention_out_bias, rngs=rngs)
+        self.q_proj = dense(config, D, H * d, bias=bias, rngs=rngs, name="q_proj")
+        self.k_proj = dense(config, D, K * d, bias=bias, rngs=rngs, name="k_proj")
+        self.v_proj = dense(config, D, K * d, bias=bias, rngs=rngs, name="v_proj")
+        out_bias = config.attention_out_bias
+        self.o_proj = dense(config, H * d, D, bias=out_bias, rngs=rngs, name="o_proj")
         self.num_heads, self.num_kv_heads, self.head_dim = H, K, d
         self.dropout = config.dropout
 
@@ -67,9 +68,9 @@ class LlamaMLP(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         D, F, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = dense(config, D, F, bias=bias, rngs=rngs)
-        self.up_proj = dense(config, D, F, bias=bias, rngs=rngs)
-        self.down_proj = dense(config, F, D, bias=bias, rngs=rngs)
+        self.gate_proj = dense(config, D, F, bias=bias, rngs=rngs, name="gate_proj")
+        self.up_proj = dense(config, D, F, bias=bias, rngs=rngs, name="up_proj")
+        self.down_proj = dense(config, F, D, bias=bias, rngs=rngs, name="down_proj")
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, D]

@@ -13,6 +13,9 @@ family); ``LOGICAL_TO_MESH`` then says which mesh axis shards that dimension:
     mlp      → tensor   column-parallel up/gate, row-parallel down projection
     vocab    → tensor   the embedding table and the LM head split over the vocabulary
 
+A LoRA adapter (``models.lora``) follows its projection: A [d_in, r] is split like the kernel's
+rows, B [r, d_out] like its columns, the rank axis never.
+
 Batches are split over ``(data, fsdp)`` together: FSDP is data parallelism whose replicas also share
 the parameters. A dimension that a mesh axis does not divide is left unsplit on that axis, so any mesh
 runs any model (GSPMD inserts the collectives; the numbers do not depend on the layout).
@@ -135,6 +138,10 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
         path = LISTED_BLOCKS.sub(r"\1", path)
     elif ndim and STACKED_BLOCKS.search(path):
         return ("layers", *logical_axes(STACKED_BLOCKS.sub(r"\1", path), ndim - 1))
+    adapter = re.search(r"/lora_(a|b)$", path)
+    if adapter and ndim == 2:  # A [d_in, r] splits like the kernel's rows, B [r, d_out] its columns
+        rows, columns = logical_axes(path[: adapter.start()] + "/kernel", 2)
+        return (rows, None) if adapter.group(1) == "a" else (None, columns)
     for pattern, names in PARAM_AXES:
         if re.search(pattern, path) and len(names) == ndim:
             return names

@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
 from jaxrlhf.models.sharding import LISTED_BLOCKS, path_string
+from jaxrlhf.train.state import TrainState
 
 
 def _manager(directory: str | os.PathLike, *, keep: int | None = None) -> ocp.CheckpointManager:
@@ -80,11 +81,15 @@ def save_checkpoint(
             raise FileExistsError(
                 f"checkpoint step {int(step)} already exists under {os.fspath(directory)!r}"
             )
+        config = _config_dict(config)
+        base = frozen_signature(state)
+        if base is not None:
+            config["frozen_base"] = base
         saved = manager.save(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(jax.tree.map(_savable, state)),
-                config=ocp.args.JsonSave(_config_dict(config)),
+                state=ocp.args.StandardSave(jax.tree.map(_savable, without_frozen(state))),
+                config=ocp.args.JsonSave(config),
             ),
         )
         manager.wait_until_finished()
@@ -116,6 +121,19 @@ def all_steps(directory: str | os.PathLike) -> list[int]:
         manager.close()
 
 
+def saved_config(directory: str | os.PathLike, step: int | None = None) -> dict:
+    """The config dict saved with step ``step`` (default: the latest), without its state."""
+    manager = _manager(directory)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {os.fspath(directory)!r}")
+        saved = manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    return dict(saved["config"] or {})
+
+
 def restore_checkpoint(
     directory: str | os.PathLike, target: Any, *, step: int | None = None
 ) -> tuple[Any, dict]:
@@ -137,7 +155,10 @@ def restore_checkpoint(
             step = manager.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint under {os.fspath(directory)!r}")
-        abstract = jax.tree.map(_abstract, target)
+        saved = manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        saved_base = dict(saved["config"] or {}).get("frozen_base")
+        _check_frozen_base(directory, step, saved_base, frozen_signature(target))
+        abstract = jax.tree.map(_abstract, without_frozen(target))
         try:
             restored = manager.restore(
                 int(step),
@@ -151,8 +172,78 @@ def restore_checkpoint(
             raise ValueError(_mismatch_message(directory, int(step), str(err), target)) from None
     finally:
         manager.close()
-    state = jax.tree.map(_uncommitted, restored["state"], target)
-    return state, dict(restored["config"] or {})
+    state = jax.tree.map(_uncommitted, restored["state"], without_frozen(target))
+    config = dict(restored["config"] or {})
+    config.pop("frozen_base", None)
+    return with_frozen_of(state, target), config
+
+
+def _is_train_state(x) -> bool:
+    return isinstance(x, TrainState)
+
+
+def without_frozen(tree: Any) -> Any:
+    """``tree`` with every TrainState's frozen part (a LoRA model's base) left out: a checkpoint
+    holds the adapters, heads and their optimiser state, not the base they apply to."""
+    return jax.tree.map(
+        lambda x: x.replace(frozen=None) if _is_train_state(x) else x, tree, is_leaf=_is_train_state
+    )
+
+
+def with_frozen_of(tree: Any, target: Any) -> Any:
+    """``tree`` (restored without frozen parts) with ``target``'s frozen parts put back."""
+    frozen = [x.frozen for x in jax.tree.leaves(target, is_leaf=_is_train_state)
+              if _is_train_state(x)]  # fmt: skip
+    states = iter(frozen)
+    return jax.tree.map(
+        lambda x: x.replace(frozen=next(states)) if _is_train_state(x) else x, tree,
+        is_leaf=_is_train_state,
+    )  # fmt: skip
+
+
+def frozen_signature(tree: Any) -> list | None:
+    """What identifies the frozen base(s) of ``tree``'s TrainStates: per frozen array its path,
+    shape and the sum and the sum of squares of its values (float64 on the host; None without a
+    frozen part). Recorded with a checkpoint, so that resuming over another base is refused."""
+    frozen = [x.frozen for x in jax.tree.leaves(tree, is_leaf=_is_train_state)
+              if _is_train_state(x) and x.frozen is not None]  # fmt: skip
+    if not frozen:
+        return None
+    out = []
+    for path, x in jax.tree_util.tree_leaves_with_path(frozen):
+        path = path[1:] if len(frozen) == 1 else path  # (the list's index, when there is one)
+        x = jnp.asarray(x, jnp.float32)
+        out.append([path_string(path), list(x.shape), float(jnp.sum(x)), float(jnp.sum(x * x))])
+    return out
+
+
+def _check_frozen_base(directory, step, saved: list | None, now: list | None) -> None:
+    """Refuse to resume adapters over a base other than the one they were trained on."""
+    where = f"cannot resume from {os.fspath(directory)!r} (step {step})"
+    if saved is None and now is None:
+        return
+    if saved is None or now is None:
+        held = "a LoRA run's adapters" if saved is not None else "a full fine-tuning state"
+        now_is = "full fine-tuning" if saved is not None else "LoRA"
+        raise ValueError(f"{where}: it holds {held} and this run is {now_is} (resume with the "
+                         "checkpoint's lora_rank)")  # fmt: skip
+    for (path, shape, total, squares), (path2, shape2, total2, squares2) in zip(saved, now):
+        same = (
+            path == path2
+            and shape == shape2
+            and all(
+                abs(a - b) <= 1e-4 * max(1.0, abs(a))
+                for a, b in ((total, total2), (squares, squares2))
+            )
+        )
+        if not same:
+            raise ValueError(
+                f"{where}: its adapters were trained on another base model ({path} differs: "
+                f"checkpoint sum {total:.6g}, this base {total2:.6g}); resume with the base "
+                "model the run started from"
+            )
+    if len(saved) != len(now):
+        raise ValueError(f"{where}: its adapters were trained on another base model")
 
 
 PER_LAYER = re.compile(

@@ -24,6 +24,7 @@ from flax import nnx
 from jaxrlhf import rl
 from jaxrlhf.config import option, require
 from jaxrlhf.data.preference import PairBatch
+from jaxrlhf.models.lora import split_trainable
 from jaxrlhf.train.loop import LoopConfig, fit
 from jaxrlhf.train.optim import (
     SCHEDULES,
@@ -190,7 +191,7 @@ def train_dpo(model, pairs: PairBatch, config: DPOConfig, *, eval_pairs: PairBat
     note_warmup(config, steps_per_epoch * config.epochs, what="DPO")
     reference = nnx.clone(model)
     ref_chosen, ref_rejected = pair_logprobs(reference, pairs)  # once, before training
-    graphdef, params = nnx.split(config.trainable(model))
+    graphdef, params, frozen = split_trainable(config.trainable(model))
     optimizer = config.optimizer(steps_per_epoch * config.epochs)
     loss = DPOLoss(graphdef=graphdef, prompt_length=pairs.prompt_length, beta=config.beta,
                    loss_type=config.loss_type, label_smoothing=config.label_smoothing,
@@ -199,14 +200,14 @@ def train_dpo(model, pairs: PairBatch, config: DPOConfig, *, eval_pairs: PairBat
 
     def after_step(step, metrics, state):
         if step % steps_per_epoch == 0 and eval_pairs is not None and len(eval_pairs.chosen_ids):
-            current = nnx.merge(graphdef, state.params)
+            current = nnx.merge(graphdef, state.model_params())
             evals.append(implicit_reward_accuracy(current, reference, eval_pairs, beta=config.beta))
         if callback is not None:
             callback(step, metrics)
 
     state, history = fit(
-        config.train_step(loss, optimizer, params),
-        init_train_state(params, optimizer),
+        config.train_step(loss, optimizer, params, frozen),
+        init_train_state(params, optimizer, frozen),
         (*pairs[:4], ref_chosen, ref_rejected),
         batch_size=config.batch_size,
         steps=steps_per_epoch * config.epochs,
@@ -224,4 +225,4 @@ def train_dpo(model, pairs: PairBatch, config: DPOConfig, *, eval_pairs: PairBat
         "num_train_pairs": len(pairs.chosen_ids),
         "num_eval_pairs": 0 if eval_pairs is None else len(eval_pairs.chosen_ids),
     }
-    return nnx.merge(graphdef, state.params), metrics
+    return nnx.merge(graphdef, state.model_params()), metrics

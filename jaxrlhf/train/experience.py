@@ -262,10 +262,13 @@ def score_rollout(
     logits_chunk_size: int | None = None,
 ) -> tuple[Experience, dict[str, jax.Array]]:
     """:func:`make_experience`'s Experience of the policy (ActorCritic or PolicyWithCritic) and the
-    frozen reference on a rollout, from their hidden states (:func:`score_tokens`: the LM head at
+    frozen reference (``reference_state`` None: the policy's actor parameters, read through
+    ``reference_graphdef``, LoRA's adapters-off graph) on a rollout, from their hidden states (:func:`score_tokens`: the LM head at
     the response positions, chunked), plus :func:`experience_metrics` (jitted; β = ``kl_coef`` is
     traced)."""
     policy = nnx.merge(policy_graphdef, policy_params)
+    if reference_state is None:  # LoRA: the policy's own actor with its adapters off
+        reference_state = policy_params["lm"]
     reference = nnx.merge(reference_graphdef, reference_state)
     mask = rollout.mask.astype(jnp.float32)  # [B, N]
     logprobs, ref_logprobs, values = score_tokens(

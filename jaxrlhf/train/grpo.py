@@ -36,6 +36,7 @@ from flax import nnx, struct
 
 from jaxrlhf import rl
 from jaxrlhf.models import CausalLM
+from jaxrlhf.models.lora import reference_parts, split_trainable
 from jaxrlhf.rollout import Rollout, sample
 from jaxrlhf.train.checkpoint import save_checkpoint
 from jaxrlhf.train.experience import RewardModelFn
@@ -166,7 +167,7 @@ def make_group_batch(
     logprobs = jnp.zeros_like(mask) if on_policy else logprobs_of(nnx.merge(graphdef, params))
     ref_logprobs = jnp.zeros_like(mask)
     if kl_coef > 0:
-        ref_logprobs = logprobs_of(nnx.merge(reference_graphdef, reference_state))
+        ref_logprobs = logprobs_of(nnx.merge(reference_graphdef, reference_state or params))
     if advantage == "reinforce_pp":
         beta = kl_coef if kl_in == "reward" else 0.0
         rewards = rl.kl_penalized_rewards(
@@ -258,7 +259,7 @@ def update(recipe: Recipe, train: TrainState, reference_state, groups, rng):
     on that fixed batch → (train state, metrics)."""
     c = recipe.config
     batch, metrics = make_group_batch(
-        train.params, reference_state, *groups, graphdef=recipe.graphdef,
+        train.model_params(), reference_state, *groups, graphdef=recipe.graphdef,
         reference_graphdef=recipe.reference_graphdef, advantage=c.advantage,
         group_size=c.group_size, temperature=c.temperature, kl_coef=c.kl_coef, kl_in=c.kl_in,
         on_policy=c.on_policy, logits_chunk_size=c.logits_chunk_size,
@@ -292,7 +293,7 @@ def iterate(recipe: Recipe, state: GRPOState, reference_state, reward_fn, prompt
     """Steps 1–4 as one XLA program (a reward model as reward_fn): one dispatch per iteration.
     Returns (the next GRPOState, metrics)."""
     rng, shuffle_rng, draw_rngs = iteration_keys(state.rng)
-    params = state.train.params
+    params = state.train.model_params()
     groups = draw_groups(recipe, params, prompt_ids, prompt_mask, draw_rngs[0], reward_fn)
     train, metrics = update(recipe, state.train, reference_state, groups, shuffle_rng)
     return GRPOState(train=train, rng=rng, iteration=state.iteration + 1), metrics
@@ -355,7 +356,7 @@ class GRPOTrainer:
         trainer.train()
     """
 
-    def __init__(self, config: GRPOConfig, actor: CausalLM, reference: CausalLM, reward_fn,
+    def __init__(self, config: GRPOConfig, actor: CausalLM, reference: CausalLM | None, reward_fn,
                  prompt_ids, prompt_mask, *, eos_token_id=None, pad_token_id=0):  # fmt: skip
         self.config, self.reward_fn = config, reward_fn
         self.prompt_ids, self.prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
@@ -364,8 +365,8 @@ class GRPOTrainer:
             config, len(self.prompt_ids), what="GRPO", group_size=config.group_size
         )
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self.graphdef, params = nnx.split(actor)
-        self.reference_graphdef, self.reference_state = nnx.split(reference)
+        self.graphdef, params, frozen = split_trainable(actor)
+        self.reference_graphdef, self.reference_state = reference_parts(actor, reference)
         if config.kl_coef == 0:  # no KL: the reference is never run (nor handed to the programs)
             self.reference_state = None
         self.loss = GroupLoss(
@@ -377,7 +378,7 @@ class GRPOTrainer:
             group_size=loss_group_size(config),
             on_policy=config.on_policy, logits_chunk_size=config.logits_chunk_size,
         )  # fmt: skip
-        self.stepper = config.train_step(self.loss, config.optimizer, params)
+        self.stepper = config.train_step(self.loss, config.optimizer, params, frozen)
         self.recipe = Recipe(config, self.graphdef, self.reference_graphdef, self.stepper,
                              eos_token_id, pad_token_id)  # fmt: skip
         # One program per iteration when every step can be traced: a reward model (not Python
@@ -387,7 +388,7 @@ class GRPOTrainer:
             and self.stepper.in_jit
         )  # fmt: skip
         self.state = GRPOState(
-            train=init_train_state(params, config.optimizer),
+            train=init_train_state(params, config.optimizer, frozen),
             rng=jax.random.PRNGKey(config.seed),
             iteration=jnp.zeros((), jnp.int32),
         )
@@ -397,9 +398,9 @@ class GRPOTrainer:
                  reward_fn, eos_token_id=None, pad_token_id=0) -> GRPOTrainer:  # fmt: skip
         """The actor is a copy of ``sft`` (in float32 with the config's compute dtype / remat); the
         reference is ``sft`` itself (used only when kl_coef > 0)."""
-        return cls(config, config.trainable(sft), config.frozen(sft),
-                   reward_fn, prompt_ids, prompt_mask, eos_token_id=eos_token_id,
-                   pad_token_id=pad_token_id)  # fmt: skip
+        reference = None if config.uses_lora else config.frozen(sft)  # None: adapters off
+        return cls(config, config.trainable(sft), reference, reward_fn, prompt_ids, prompt_mask,
+                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
 
     # -- one iteration: the recipe -----------------------------------------------------------------
 
@@ -415,7 +416,8 @@ class GRPOTrainer:
         else:
             rng, shuffle_rng, draw_rngs = iteration_keys(state.rng)
             # 1–2. sample G responses per prompt and score them (DAPO: refill groups without signal)
-            groups, dropped = self._sample_groups(state.train.params, idx, iteration, draw_rngs)
+            params = state.train.model_params()
+            groups, dropped = self._sample_groups(params, idx, iteration, draw_rngs)
             # 3–4. the group is the baseline: advantages; then epochs × minibatches train steps
             train, metrics = update(self.recipe, state.train, self.reference_state, groups,
                                     shuffle_rng)  # fmt: skip
@@ -472,7 +474,7 @@ class GRPOTrainer:
         return int(self.state.iteration)
 
     def actor(self) -> CausalLM:
-        return nnx.merge(self.graphdef, self.state.train.params)
+        return nnx.merge(self.graphdef, self.state.train.model_params())
 
 
 def _merge_groups(kept, new, group_size: int):

@@ -23,8 +23,15 @@ from jaxrlhf.config import option, require
 from jaxrlhf.logging import note
 from jaxrlhf.logging import progress as progress_bar
 from jaxrlhf.models.heads import with_settings
+from jaxrlhf.models.lora import has_lora, model_configs, parse_targets, with_lora
+from jaxrlhf.models.peft_adapter import load_adapter
 from jaxrlhf.models.sharding import make_mesh, parse_mesh
-from jaxrlhf.train.checkpoint import latest_step, restore_checkpoint, save_checkpoint
+from jaxrlhf.train.checkpoint import (
+    latest_step,
+    restore_checkpoint,
+    save_checkpoint,
+    saved_config,
+)
 from jaxrlhf.train.state import PARALLELISM, SKIPPED, ParallelStep, TrainState, make_train_step
 
 
@@ -63,6 +70,30 @@ class LoopConfig:
         "Tokens per chunk of the LM head in the loss: log-probs and entropy from the hidden states, "
         "one chunk's float32 logits at a time (None: as many as fit 64 MiB; small vocabularies: "
         "one chunk). Changes memory, not results.",
+    )
+    lora_rank: int = option(
+        0,
+        "LoRA adapters of this rank on the blocks' projections, trained with the heads while the "
+        "base stays frozen (0: full fine-tuning). The reference of PPO/GRPO/DPO is then the policy "
+        "with its adapters off (no second copy). The learning rate is yours: LoRA's best rate is "
+        "about 10x full fine-tuning's, and for RL even rank 1 matched full fine-tuning (Schulman "
+        "et al. 2025, 'LoRA Without Regret').",
+    )
+    lora_alpha: float = option(32.0, "LoRA's alpha: an adapter adds (alpha / rank) * B A.")
+    lora_dropout: float = option(
+        0.0, "Dropout on the adapters' input: only 0 (no trainer applies dropout; RL must not)."
+    )
+    lora_targets: str | None = option(
+        None,
+        "Comma list of the Hugging Face names of the projections that get adapters (llama: "
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; gpt2: c_attn,c_proj,c_fc). "
+        "None or all-linear: every one.",
+    )
+    adapter: str | None = option(
+        None,
+        "A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, e.g. an "
+        "earlier run's policy_adapter/) to start from, on the base model it was made for; its "
+        "rank, alpha and targets replace --lora-*.",
     )
     checkpoint_dir: str | None = option(None, "Directory for orbax checkpoints (None: none).")
     checkpoint_every: int = option(0, "Save every this many steps/iterations (0: only at the end).")
@@ -106,6 +137,23 @@ class LoopConfig:
             "compute_dtype",
             "must be float32 or bfloat16",
         )
+        require(self.lora_rank >= 0, self, "lora_rank", "must be ≥ 0 (0: no adapters)")
+        require(self.lora_alpha > 0, self, "lora_alpha", "must be > 0")
+        require(
+            self.lora_dropout == 0.0,
+            self,
+            "lora_dropout",
+            "must be 0: no trainer applies dropout (RL needs the log-probs of the rollout)",
+        )
+        if self.lora_rank == 0 and self.adapter is None:
+            for name in ("lora_alpha", "lora_targets"):
+                default = next(f.default for f in dataclasses.fields(LoopConfig) if f.name == name)
+                require(
+                    getattr(self, name) == default,
+                    self,
+                    name,
+                    "is used only with lora_rank ≥ 1 (or an adapter); set lora_rank",
+                )
         if self.mesh:
             try:
                 parse_mesh(self.mesh)
@@ -121,13 +169,30 @@ class LoopConfig:
         except ValueError as err:  # e.g. sizes that do not multiply to the number of devices
             raise ValueError(f"{type(self).__name__}.mesh = {self.mesh!r}: {err}") from None
 
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_rank > 0 or self.adapter is not None
+
     def trainable(self, model):
-        """``model`` in float32 parameters (the master weights) with this compute dtype, remat and
-        block layout."""
-        return with_settings(
-            model, param_dtype="float32", compute_dtype=self.compute_dtype, remat=self.remat,
-            scan_layers=self.scan_layers,
+        """``model`` with this compute dtype, remat and block layout, in float32 parameters (the
+        master weights); with LoRA (``lora_rank`` or ``adapter``), the base keeps its dtype and
+        gets adapters (``models.lora``), float32 like the heads."""
+        model = with_settings(
+            model, param_dtype=None if self.uses_lora else "float32",
+            compute_dtype=self.compute_dtype, remat=self.remat, scan_layers=self.scan_layers,
         )  # fmt: skip
+        if self.adapter is not None and not has_lora(model):
+            return load_adapter(model, self.adapter)
+        if self.lora_rank and not has_lora(model):
+            family = model_configs(model)[0].family
+            try:
+                targets = parse_targets(self.lora_targets, family)
+                return with_lora(model, rank=self.lora_rank, alpha=self.lora_alpha,
+                                 targets=targets, seed=getattr(self, "seed", 0))  # fmt: skip
+            except ValueError as err:
+                field = "lora_targets" if "lora_targets" in str(err) else "lora_rank"
+                raise ValueError(f"{type(self).__name__}.{field}: {err}") from None
+        return model
 
     def frozen(self, model, *, param_dtype: str | None = None):
         """A frozen model (reference, reward model) with this compute dtype and block layout, its
@@ -137,7 +202,7 @@ class LoopConfig:
             scan_layers=self.scan_layers,
         )  # fmt: skip
 
-    def train_step(self, loss, optimizer, params) -> ParallelStep:
+    def train_step(self, loss, optimizer, params, frozen=None) -> ParallelStep:
         """The train step of ``loss`` with these devices (``state.make_train_step``)."""
         return make_train_step(
             loss,
@@ -146,10 +211,13 @@ class LoopConfig:
             num_devices=self.num_devices,
             mesh=self.device_mesh(),
             params=params,
+            frozen=frozen,
         )
 
 
-LOOP_FIELDS = tuple(f.name for f in dataclasses.fields(LoopConfig))
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter")
+LOOP_FIELDS = tuple(f.name for f in dataclasses.fields(LoopConfig) if f.name not in LORA_FIELDS)
+"""The device and checkpoint settings: a run may resume with others (not the LoRA settings)."""
 
 
 def resume_mismatches(config: Any, saved: dict, *, may_change: tuple[str, ...] = ()) -> list[str]:
@@ -166,16 +234,16 @@ def resume_mismatches(config: Any, saved: dict, *, may_change: tuple[str, ...] =
 
 
 def restore_run(directory: str, target: Any, config: Any, *, may_change=()) -> Any:
-    """The latest checkpoint's state under ``directory``, refusing one saved with other settings."""
-    state, saved = restore_checkpoint(directory, target)
-    mismatches = resume_mismatches(config, saved, may_change=may_change)
+    """The latest checkpoint's state under ``directory``, refusing one saved with other settings
+    (checked before the state is read: another LoRA rank is another shape)."""
+    mismatches = resume_mismatches(config, saved_config(directory), may_change=may_change)
     if mismatches:
         raise ValueError(
             f"cannot resume from {directory!r}: the {type(config).__name__} differs from the "
             f"checkpoint's in {', '.join(mismatches)} (start a new run in another directory, or "
             "resume with the saved values)"
         )
-    return state
+    return restore_checkpoint(directory, target)[0]
 
 
 class NonFiniteError(ValueError):

@@ -36,6 +36,7 @@ from flax import nnx, struct
 
 from jaxrlhf import rl
 from jaxrlhf.models import ActorCritic, CausalLM, RewardModel, ValueModel
+from jaxrlhf.models.lora import reference_parts, split_trainable
 from jaxrlhf.models.sharding import param_shardings
 from jaxrlhf.rollout import sample
 from jaxrlhf.train.checkpoint import save_checkpoint
@@ -192,7 +193,7 @@ class PPOTrainer:
         self,
         config: PPOConfig,
         policy: nnx.Module,
-        reference: CausalLM,
+        reference: CausalLM | None,
         reward_fn: Callable,
         prompt_ids,
         prompt_mask,
@@ -216,24 +217,26 @@ class PPOTrainer:
                 "no EOS token: PPOConfig.missing_eos_penalty is not applied", stacklevel=2
             )
             self.eos_penalty = None
-        self.graphdef, params = nnx.split(policy, nnx.Param)
+        self.graphdef, params, frozen = split_trainable(policy)
         self.actor_graphdef = nnx.graphdef(generation_model(policy))
-        self.reference_graphdef, self.reference_state = nnx.split(reference)
+        self.reference_graphdef, self.reference_state = reference_parts(
+            generation_model(policy), reference
+        )  # LoRA (reference None): the actor's adapters-off graph over the policy's parameters
         self.loss = ppo_loss(config, self.graphdef)
-        self.stepper = config.train_step(self.loss, config.optimizer, params)
+        self.stepper = config.train_step(self.loss, config.optimizer, params, frozen)
         if config.minibatch_size % self.stepper.num_devices:
             raise ValueError(
                 f"PPOConfig.num_minibatches = {config.num_minibatches}: the minibatch size "
                 f"{config.minibatch_size} must be divisible by {self.stepper.num_devices} devices"
             )
         self.mesh = self.stepper.mesh if config.parallelism == "mesh" else None
-        if self.mesh is not None:  # the frozen reference is sharded like the policy
+        if self.mesh is not None and self.reference_state is not None:  # sharded like the policy
             self.reference_state = jax.device_put(
                 self.reference_state, param_shardings(self.reference_state, self.mesh)
             )
         self.state = self._placed(
             PPOState(
-                train=init_train_state(params, config.optimizer),
+                train=init_train_state(params, config.optimizer, frozen),
                 rng=jax.random.PRNGKey(config.seed),
                 iteration=jnp.zeros((), jnp.int32),
                 kl=rl.AdaptiveKLState(kl_coef=jnp.asarray(config.kl_coef, jnp.float32)),
@@ -270,10 +273,13 @@ class PPOTrainer:
         if reward_fn is None:
             reward_model = config.frozen(reward_model, param_dtype=config.frozen_dtype)
             reward_fn = reward_model_fn(reward_model, mesh=config.device_mesh())
+        reference = (
+            None if config.uses_lora else config.frozen(sft, param_dtype=config.frozen_dtype)
+        )
         return cls(
             config,
             policy,
-            config.frozen(sft, param_dtype=config.frozen_dtype),
+            reference,  # None with LoRA: the policy with its adapters off
             reward_fn,
             prompt_ids,
             prompt_mask,
@@ -288,7 +294,7 @@ class PPOTrainer:
         c, start = self.config, time.perf_counter()
         rng, rollout_rng, perms = split_rng(state.rng, epochs=c.ppo_epochs, batch_size=c.batch_size)
         prompt_ids, prompt_mask = self.prompt_batch(int(state.iteration))  # [B, P] each
-        params = state.train.params
+        params = state.train.model_params()
 
         # 1. sample responses from the current actor
         actor = nnx.merge(self.actor_graphdef, params["lm"])
@@ -405,7 +411,7 @@ class PPOTrainer:
 
     def policy(self) -> nnx.Module:
         """The current policy as an NNX module (ActorCritic or PolicyWithCritic)."""
-        return nnx.merge(self.graphdef, self.state.train.params)
+        return nnx.merge(self.graphdef, self.state.train.model_params())
 
     def actor(self) -> CausalLM:
         """The current actor (the CausalLM inside the policy), e.g. for save_pretrained."""

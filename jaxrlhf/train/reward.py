@@ -34,6 +34,7 @@ from flax import nnx
 
 from jaxrlhf.config import option, require
 from jaxrlhf.data.preference import PairBatch
+from jaxrlhf.models.lora import split_trainable
 from jaxrlhf.rl import bradley_terry_loss
 from jaxrlhf.train.loop import LoopConfig, fit
 from jaxrlhf.train.optim import (
@@ -311,18 +312,18 @@ def train_reward_model(
     steps_per_epoch = len(margins) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     note_warmup(config, total_steps, what="reward model")
-    graphdef, params = nnx.split(config.trainable(reward_model))
+    graphdef, params, frozen = split_trainable(config.trainable(reward_model))
     optimizer = config.optimizer(total_steps)
     loss = BradleyTerryLoss(graphdef, config.center_rewards_coefficient)
     evals: list[dict[str, float]] = []
 
     def after_step(step, metrics, state):
         if step % steps_per_epoch == 0 and eval_pairs is not None and len(eval_pairs.chosen_ids):
-            evals.append(held_out_metrics(nnx.merge(graphdef, state.params), eval_pairs))
+            evals.append(held_out_metrics(nnx.merge(graphdef, state.model_params()), eval_pairs))
 
     state, history = fit(
-        config.train_step(loss, optimizer, params),
-        init_train_state(params, optimizer),
+        config.train_step(loss, optimizer, params, frozen),
+        init_train_state(params, optimizer, frozen),
         (*pairs[:4], margins),
         batch_size=config.batch_size,
         steps=total_steps,
@@ -333,7 +334,7 @@ def train_reward_model(
         callback=after_step,
     )
     metrics = reward_metrics(history, evals, len(margins), eval_pairs)
-    return nnx.merge(graphdef, state.params), metrics
+    return nnx.merge(graphdef, state.model_params()), metrics
 
 
 def reward_metrics(history, evals, num_train: int, eval_pairs) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.config import option, require
+from jaxrlhf.models.lora import split_trainable
 from jaxrlhf.rl import masked_sum, token_logprobs
 from jaxrlhf.train.loop import LoopConfig, fit
 from jaxrlhf.train.optim import (
@@ -257,13 +258,13 @@ def train_sft(
     data, eval_data = sft_data(input_ids, attention_mask, loss_mask, eval_data, config)
     config = fit_supervised_batch(config, len(data[0]), what="SFT", unit="training sequences")
     note_warmup(config, config.steps, what="SFT")
-    graphdef, params = nnx.split(config.trainable(model))
+    graphdef, params, frozen = split_trainable(config.trainable(model))
     evals: list[float] = []
     loss = NextTokenLoss(graphdef, logits_chunk_size=config.logits_chunk_size,
                          first_target=first_target(*data[1:]))  # fmt: skip
     state, history = fit(
-        config.train_step(loss, config.optimizer, params),
-        init_train_state(params, config.optimizer),
+        config.train_step(loss, config.optimizer, params, frozen),
+        init_train_state(params, config.optimizer, frozen),
         data,
         batch_size=config.batch_size,
         steps=config.steps,
@@ -279,7 +280,7 @@ def train_sft(
     metrics["num_train"] = len(data[0])
     if eval_data is not None:
         metrics.update(eval_loss=evals, num_eval=len(eval_data[0]))
-    return nnx.merge(graphdef, state.params), metrics
+    return nnx.merge(graphdef, state.model_params()), metrics
 
 
 def sft_data(input_ids, attention_mask, loss_mask, eval_data, config: SFTConfig):
@@ -312,7 +313,7 @@ def held_out_callback(graphdef, eval_data, config: SFTConfig, callback, evals: l
         if eval_data is not None and (
             step == config.steps or (config.eval_every and step % config.eval_every == 0)
         ):
-            evals.append(held_out_loss(nnx.merge(graphdef, state.params), eval_data))
+            evals.append(held_out_loss(nnx.merge(graphdef, state.model_params()), eval_data))
             metrics = {**metrics, "eval/loss": evals[-1]}
         if callback is not None:
             callback(step, metrics)

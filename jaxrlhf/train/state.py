@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -81,14 +81,25 @@ class TrainState:
     params: Any  # the trainable parameters (an nnx.State of nnx.Param leaves)
     opt_state: Any  # optax state (Adam moments, schedule count, ...)
     step: jax.Array  # int32 [] optimiser steps taken so far
+    frozen: Any = None  # what the loss reads and nothing updates: a LoRA model's base (or None)
+
+    def model_params(self) -> Any:
+        """Every parameter of the model: ``nnx.merge(graphdef, state.model_params())``."""
+        return self.params if self.frozen is None else nnx.merge_state(self.params, self.frozen)
 
 
-def init_train_state(params: Any, optimizer: OptimizerConfig) -> TrainState:
-    """A fresh :class:`TrainState` for ``params`` (copied: the steps donate the state's buffers,
-    which must not be the caller's model's)."""
+def init_train_state(params: Any, optimizer: OptimizerConfig, frozen: Any = None) -> TrainState:
+    """A fresh :class:`TrainState` for ``params`` and the ``frozen`` rest of the model (both
+    copied: the steps donate the state's buffers, which must not be the caller's model's). An
+    empty ``frozen`` (``lora.split_trainable`` without adapters) is None. Optimiser state is made
+    for ``params`` alone."""
     params = jax.tree.map(jnp.copy, params)
+    frozen = jax.tree.map(jnp.copy, frozen) if jax.tree.leaves(frozen) else None
     return TrainState(
-        params=params, opt_state=optimizer.build().init(params), step=jnp.zeros((), jnp.int32)
+        params=params,
+        opt_state=optimizer.build().init(params),
+        step=jnp.zeros((), jnp.int32),
+        frozen=frozen,
     )
 
 
@@ -138,6 +149,8 @@ def train_step(
 
     def objective(params):
         means = {}
+        if state.frozen is not None:  # the loss reads the whole model; ∇ only through params
+            params = nnx.merge_state(params, state.frozen)
         for name, (total, count) in loss(params, batch).items():
             count = _psum(jax.lax.stop_gradient(jnp.asarray(count, jnp.float32)), axis_name)
             means[name] = total / jnp.maximum(count, 1.0)  # this device's part of the mean
@@ -152,6 +165,7 @@ def train_step(
         params=keep_if(finite, optax.apply_updates(state.params, updates), state.params),
         opt_state=keep_if(finite, opt_state, state.opt_state),
         step=state.step + 1,
+        frozen=state.frozen,
     )
     metrics = {
         **means,
@@ -224,11 +238,11 @@ def _mesh_step(state, batch, loss, optimizer, layout):
     return jax.lax.with_sharding_constraint(state, state_sharding), metrics
 
 
-def mesh_layout(params: Any, optimizer: OptimizerConfig, mesh: Mesh) -> tuple:
-    """Where every leaf of the TrainState of ``params`` lives on ``mesh``, as a hashable
-    (treedef, shardings) pair: parameters by the model's sharding rules, each optimiser-state leaf
-    like the parameter it mirrors (Adam's moments: same path suffix, same shape), the rest (step
-    counts) replicated."""
+def mesh_layout(params: Any, optimizer: OptimizerConfig, mesh: Mesh, frozen: Any = None) -> tuple:
+    """Where every leaf of the TrainState of ``params`` (and ``frozen``) lives on ``mesh``, as a
+    hashable (treedef, shardings) pair: parameters by the model's sharding rules, each
+    optimiser-state leaf like the parameter it mirrors (Adam's moments: same path suffix, same
+    shape), the rest (step counts) replicated."""
     shardings = param_shardings(params, mesh)
     by_path = {
         path_string(path): (x.shape, sharding)
@@ -247,7 +261,11 @@ def mesh_layout(params: Any, optimizer: OptimizerConfig, mesh: Mesh) -> tuple:
 
     abstract = jax.eval_shape(lambda p: optimizer.build().init(p), params)
     opt_shardings = jax.tree_util.tree_map_with_path(like_its_parameter, abstract)
-    layout = TrainState(params=shardings, opt_state=opt_shardings, step=replicated)
+    frozen = frozen if jax.tree.leaves(frozen) else None
+    frozen_shardings = None if frozen is None else param_shardings(frozen, mesh)
+    layout = TrainState(
+        params=shardings, opt_state=opt_shardings, step=replicated, frozen=frozen_shardings
+    )
     leaves, treedef = jax.tree.flatten(layout)
     return treedef, tuple(leaves)
 
@@ -318,6 +336,7 @@ def make_train_step(
     num_devices: int | None = None,
     mesh: Mesh | None = None,
     params: Any = None,
+    frozen: Any = None,
 ) -> ParallelStep:
     """:func:`train_step` on one device, over a device ``mesh`` (with the ``params`` whose layout it
     sets), under ``jax.pmap`` or under ``shard_map`` over a 1-D mesh of ``num_devices``.
@@ -333,7 +352,7 @@ def make_train_step(
             raise ValueError('parallelism="mesh" needs the mesh and the parameters')
         divisor = batch_divisor(mesh)
         return ParallelStep(
-            loss, optimizer, "mesh", divisor, mesh, mesh_layout(params, optimizer, mesh)
+            loss, optimizer, "mesh", divisor, mesh, mesh_layout(params, optimizer, mesh, frozen)
         )
     if parallelism == "pmap":
         n = jax.local_device_count() if num_devices is None else num_devices
