@@ -176,6 +176,10 @@ def test_bad_lora_input_is_refused_by_name(tmp_path):
         load_adapter(other, tmp_path / "ad")
     with pytest.raises(FileNotFoundError, match="adapter_config.json not found"):
         load_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="SFTConfig.adapter: .* not a RewardModel's"):
+        SFTConfig(adapter=str(tmp_path / "ad")).trainable(
+            RewardModel(model.config, rngs=nnx.Rngs(0))
+        )
 
 
 @pytest.fixture(scope="module")

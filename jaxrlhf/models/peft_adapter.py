@@ -62,7 +62,10 @@ def _adapter_names(lm: CausalLM):
 def _policy_lm(model) -> CausalLM:
     lm = model.lm if isinstance(model, ActorCritic) else model
     if not isinstance(lm, CausalLM):
-        raise TypeError(f"a PEFT adapter is written for a CausalLM, not {type(model).__name__}")
+        raise TypeError(
+            f"a PEFT adapter here is a policy's (a CausalLM), not a {type(model).__name__}'s "
+            "(give a reward model or a separate critic fresh adapters with lora_rank instead)"
+        )
     return lm
 
 

@@ -182,7 +182,10 @@ class LoopConfig:
             compute_dtype=self.compute_dtype, remat=self.remat, scan_layers=self.scan_layers,
         )  # fmt: skip
         if self.adapter is not None and not has_lora(model):
-            return load_adapter(model, self.adapter)
+            try:
+                return load_adapter(model, self.adapter)
+            except TypeError as err:
+                raise ValueError(f"{type(self).__name__}.adapter: {err}") from None
         if self.lora_rank and not has_lora(model):
             family = model_configs(model)[0].family
             try:
