@@ -152,17 +152,13 @@ def with_lora(
 
     rebuilt = _rebuild(model, change, nnx.state(model))
     key = jax.random.key(seed)
-    adapters = nnx.state(rebuilt, LoRAParam)
-    leaves, treedef = jax.tree.flatten(adapters)
-    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(adapters)]
-    values = []
-    for i, (path, leaf) in enumerate(zip(paths, leaves)):
-        is_a = any(getattr(k, "key", None) == "lora_a" for k in path)
-        values.append(
-            lora_a_init(jax.random.fold_in(key, i), leaf.shape)
-            if is_a
-            else jnp.zeros(leaf.shape, jnp.float32)
-        )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(rebuilt, LoRAParam))
+    values = [  # A drawn (one key per adapter parameter, in order), B = 0
+        lora_a_init(jax.random.fold_in(key, i), leaf.shape)
+        if any(getattr(k, "key", None) == "lora_a" for k in path)
+        else jnp.zeros(leaf.shape, jnp.float32)
+        for i, (path, leaf) in enumerate(flat)
+    ]
     nnx.update(rebuilt, jax.tree.unflatten(treedef, values))
     _heads_to_float32(rebuilt)
     return rebuilt

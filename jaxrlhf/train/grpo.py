@@ -167,7 +167,8 @@ def make_group_batch(
     logprobs = jnp.zeros_like(mask) if on_policy else logprobs_of(nnx.merge(graphdef, params))
     ref_logprobs = jnp.zeros_like(mask)
     if kl_coef > 0:
-        ref_logprobs = logprobs_of(nnx.merge(reference_graphdef, reference_state or params))
+        reference_state = params if reference_state is None else reference_state  # LoRA: its own
+        ref_logprobs = logprobs_of(nnx.merge(reference_graphdef, reference_state))
     if advantage == "reinforce_pp":
         beta = kl_coef if kl_in == "reward" else 0.0
         rewards = rl.kl_penalized_rewards(
@@ -398,9 +399,8 @@ class GRPOTrainer:
                  reward_fn, eos_token_id=None, pad_token_id=0) -> GRPOTrainer:  # fmt: skip
         """The actor is a copy of ``sft`` (in float32 with the config's compute dtype / remat); the
         reference is ``sft`` itself (used only when kl_coef > 0)."""
-        reference = None if config.uses_lora else config.frozen(sft)  # None: adapters off
-        return cls(config, config.trainable(sft), reference, reward_fn, prompt_ids, prompt_mask,
-                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
+        return cls(config, config.trainable(sft), config.reference(sft), reward_fn, prompt_ids,
+                   prompt_mask, eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
 
     # -- one iteration: the recipe -----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ continues exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -187,15 +188,25 @@ class LoopConfig:
             except TypeError as err:
                 raise ValueError(f"{type(self).__name__}.adapter: {err}") from None
         if self.lora_rank and not has_lora(model):
-            family = model_configs(model)[0].family
-            try:
-                targets = parse_targets(self.lora_targets, family)
+            with self._naming("lora_targets"):
+                targets = parse_targets(self.lora_targets, model_configs(model)[0].family)
+            with self._naming("lora_rank"):
                 return with_lora(model, rank=self.lora_rank, alpha=self.lora_alpha,
                                  targets=targets, seed=getattr(self, "seed", 0))  # fmt: skip
-            except ValueError as err:
-                field = "lora_targets" if "lora_targets" in str(err) else "lora_rank"
-                raise ValueError(f"{type(self).__name__}.{field}: {err}") from None
         return model
+
+    @contextlib.contextmanager
+    def _naming(self, field: str):
+        """A ValueError inside, as one naming ``<Config>.<field>``."""
+        try:
+            yield
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}.{field}: {err}") from None
+
+    def reference(self, model, *, param_dtype: str | None = None):
+        """The frozen reference of PPO / GRPO: ``frozen(model)``, or None with LoRA (the trainer
+        reads the policy with its adapters off: ``lora.reference_parts``)."""
+        return None if self.uses_lora else self.frozen(model, param_dtype=param_dtype)
 
     def frozen(self, model, *, param_dtype: str | None = None):
         """A frozen model (reference, reward model) with this compute dtype and block layout, its

@@ -273,13 +273,10 @@ class PPOTrainer:
         if reward_fn is None:
             reward_model = config.frozen(reward_model, param_dtype=config.frozen_dtype)
             reward_fn = reward_model_fn(reward_model, mesh=config.device_mesh())
-        reference = (
-            None if config.uses_lora else config.frozen(sft, param_dtype=config.frozen_dtype)
-        )
         return cls(
             config,
             policy,
-            reference,  # None with LoRA: the policy with its adapters off
+            config.reference(sft, param_dtype=config.frozen_dtype),  # LoRA: None (adapters off)
             reward_fn,
             prompt_ids,
             prompt_mask,
