@@ -7,8 +7,7 @@
 
 ``sample(model, prompt_ids, prompt_mask, SamplingConfig(...), rng)`` is the one entry point (the CLI,
 the demo, preference collection and the PPO trainer call it); ``generate`` is the same with the
-settings as keyword arguments. Without top_k/top_p the recorded log-probs are those of the
-temperature-scaled policy, log softmax(zₜ/τ)[aₜ], the quantity PPO recomputes at training time.
+settings as keyword arguments. Episodes in turns with tools: ``jaxrlhf.tools.sample_turns``.
 
 Where a decode step's time goes (CPU, batch 16): the weight matmuls, which stream every parameter
 once per step; attention over the cache; drawing the random numbers. So the loop is shaped to spend
@@ -20,8 +19,8 @@ nothing else:
     steps at once, bit for bit the noise the step's own key gives, instead of one small random-bits
     loop per step;
   • the prefill runs the LM head on the last prompt position only.
-The compiled function is cached by ``jax.jit`` per (graphdef, shapes, static arguments): calling
-``sample`` again in a training loop with new parameters or a new temperature does not retrace.
+``jax.jit`` caches the compiled loop per (graphdef, shapes, static arguments): new parameters or
+a new temperature do not retrace.
 
 The jitted body reads as the algorithm: ``_prefill`` → ``_first_token`` → ``_decode_bucket`` per
 bucket (a loop of ``_decode_step``) → Rollout. One step's draw (``filter_logits``, ``gumbel_noise``,
@@ -89,8 +88,16 @@ class Rollout:
     """
 
     tokens: jax.Array  # [B, N] int32 response tokens; pad_token_id after a row's EOS
-    mask: jax.Array  # [B, N] float32 1 at valid response tokens (the EOS included), 0 after it
+    mask: jax.Array  # [B, N] float32 1 at the policy's tokens (the EOS included), 0 after EOS
     logprobs: jax.Array  # [B, N] float32 log p̃(aₜ|sₜ) of the sampling distribution; 0 if masked
+    # With tools (tools.sample_turns): 1 at every token, the tools' too (mask 0); calls per row.
+    attention: jax.Array | None = None  # [B, N] float32
+    tool_calls: jax.Array | None = None  # [B] int32
+
+    @property
+    def attention_mask(self) -> jax.Array:
+        """[B, N] the tokens a re-scoring pass attends to (``mask`` when nothing was inserted)."""
+        return self.mask if self.attention is None else self.attention
 
 
 FIRST_BUCKET = 32
@@ -415,11 +422,9 @@ def sample(
 ) -> Rollout:
     """Responses of ``model`` to left-padded prompts, sampled as ``config`` says: the one entry point.
 
-    aₜ ~ softmax(filter(zₜ / τ)),   logprobsₜ = log softmax(filter(zₜ / τ))[aₜ]
+    aₜ ~ softmax(filter(zₜ / τ)),   logprobsₜ = log softmax(filter(zₜ / τ))[aₜ]   (:func:`generate`)
 
-    (see :func:`generate`: the log-probs are those of the distribution actually sampled from; without
-    top_k/top_p they are log π(aₜ|sₜ) at temperature τ; greedy records the unfiltered ones). Works
-    eagerly and inside another ``jax.jit`` (``model`` may be merged from traced parameters).
+    Works eagerly and inside another ``jax.jit`` (``model`` may be merged from traced parameters).
 
     Args:
       model: a CausalLM or an ActorCritic.
@@ -427,8 +432,7 @@ def sample(
       config: a SamplingConfig.
       rng: a jax.random key.
       eos_token_id: ends a row (None: rows run to max_new_tokens).  pad_token_id: fills after EOS.
-      group_size: G responses per prompt (rows i·G … i·G + G − 1 answer prompt i; the prompt is
-        run once).
+      group_size: G responses per prompt (rows i·G … i·G + G − 1 answer prompt i; run once).
     Returns: Rollout(tokens [B·G, N], mask [B·G, N], logprobs [B·G, N]), N = config.max_new_tokens.
     """
     if not isinstance(config, SamplingConfig):
@@ -449,11 +453,8 @@ def sample(
 
 
 def concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask):
-    """prompt ⧺ response: ids [B, P + N] and attention mask [B, P + N] (int32).
-
-    Prompts are left-padded and responses end in padding, so the valid tokens of a row are one
-    contiguous run and its last valid token is the last response token (the EOS when there is one).
-    """
+    """prompt ⧺ response: ids [B, P + N] and attention mask [B, P + N] (int32). Prompts are
+    left-padded and responses end in padding: a row's last valid token is its last response token."""
     chex.assert_rank([prompt_ids, prompt_mask, response_ids, response_mask], 2)
     input_ids = jnp.concatenate(
         [prompt_ids, response_ids.astype(prompt_ids.dtype)], axis=1
@@ -465,8 +466,8 @@ def concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
 
 
 def sequences(prompt_ids, prompt_mask, rollout: Rollout):
-    """prompt ⧺ a Rollout's responses: (ids, mask) [B, P + N] (``concat_prompt_response``)."""
-    return concat_prompt_response(prompt_ids, prompt_mask, rollout.tokens, rollout.mask)
+    """prompt ⧺ a Rollout's responses: (ids, attention mask) [B, P + N] (tools' tokens included)."""
+    return concat_prompt_response(prompt_ids, prompt_mask, rollout.tokens, rollout.attention_mask)
 
 
 def response_slice(x, prompt_len: int, response_len: int):

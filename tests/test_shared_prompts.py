@@ -19,6 +19,7 @@ from jaxrlhf.models import CausalLM, RewardModel
 from jaxrlhf.models.heads import with_settings
 from jaxrlhf.models.layers import layer_norm
 from jaxrlhf.rollout import (
+    Rollout,
     SamplingConfig,
     concat_prompt_response,
     first_argmax,
@@ -135,7 +136,7 @@ def test_reward_model_scores_shared_prompts_like_the_full_pass():
     got = rm.score_responses(prompt_ids, prompt_mask, responses, response_mask, group_size=G)
     np.testing.assert_allclose(got, want, atol=1e-5)
     reward_fn = reward_model_fn(rm)
-    rollout = type("R", (), {"tokens": responses, "mask": response_mask})
+    rollout = Rollout(tokens=responses, mask=response_mask, logprobs=jnp.zeros_like(response_mask))
     np.testing.assert_allclose(reward_fn(*per_row, rollout, group_size=G), want, atol=1e-5)
     np.testing.assert_allclose(reward_fn(*per_row, rollout), want, atol=1e-5)
     with pytest.raises(ValueError, match="group_size"):
@@ -177,7 +178,8 @@ def test_group_loss_on_policy_and_shared_prompts_give_the_plain_gradient():
     )
     batch = GroupBatch(
         prompt_ids=per_row[0], prompt_mask=per_row[1], response_ids=responses,
-        response_mask=response_mask, logprobs=logprobs, rollout_logprobs=logprobs - 0.01,
+        response_mask=response_mask, response_attention=response_mask, logprobs=logprobs,
+        rollout_logprobs=logprobs - 0.01,
         ref_logprobs=jnp.zeros_like(logprobs), advantages=advantages,
     )  # fmt: skip
     common = {"graphdef": graphdef, "clip_eps": 0.2, "clip_eps_high": None,

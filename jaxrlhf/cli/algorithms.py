@@ -68,7 +68,8 @@ def cmd_grpo(args) -> int:
     config = dataclasses.replace(config, checkpoint_dir=checkpoints)
     check_fresh_run(args.resume, checkpoints, flag="--grpo-checkpoint-dir")
     functions, weights = load_reward_functions(args.reward_fn)  # flag errors before any loading
-    policy, tokenizer, prompts = _prompts_and_policy(args, config, data_config)
+    toolbox = _toolbox(args)
+    policy, tokenizer, prompts = _prompts_and_policy(args, config, data_config, toolbox)
     if args.reward_model:
         reward_model = from_pretrained(model_dir(args.reward_model, "reward model"), head="reward")
         reward_fn = reward_model_fn(reward_model)
@@ -77,7 +78,7 @@ def cmd_grpo(args) -> int:
     trainer = GRPOTrainer.from_sft(
         config, from_pretrained(policy), prompts.input_ids, prompts.attention_mask,
         reward_fn=reward_fn, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, sampler=_sampler(toolbox, tokenizer),
     )  # fmt: skip
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     resume(trainer, checkpoints, metrics_path)
@@ -92,7 +93,8 @@ def cmd_grpo(args) -> int:
         history = trainer.train(callback=callback, progress=not args.quiet)
     written = save_policy(trainer.actor(), args.out, tokenizer=tokenizer, base=policy)
     last = history[-1] if history else {}
-    keys = ("reward", "reward_std", "frac_reward_zero_std", "kl", "completions/mean_length")
+    keys = ("reward", "reward_std", "frac_reward_zero_std", "kl", "completions/mean_length",
+            "tools/calls_per_episode")  # fmt: skip
     summary = {k: last[k] for k in keys if k in last}  # kl: only with β > 0
     report = _grpo_report(args.out, summary, samples)
     print_summary(summary)
@@ -109,7 +111,31 @@ def _grpo_report(out: str, summary: dict, samples: SampleLog) -> str:
     return write_report(os.path.join(out, "report.md"), title="jaxrlhf grpo", sections=sections)
 
 
-def _prompts_and_policy(args, config, data_config):
+def _toolbox(args):
+    """The --tool functions with the --tool-* settings (None without --tool)."""
+    from jaxrlhf.tools import Toolbox, ToolConfig, load_tool
+
+    if not args.tool:
+        return None
+    try:
+        return Toolbox([load_tool(spec) for spec in args.tool], get_config(args, ToolConfig))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def _sampler(toolbox, tokenizer):
+    """``rollout.sample``, or episodes in turns with the tools (``tools.sample_turns``)."""
+    import functools
+
+    from jaxrlhf.rollout import sample
+    from jaxrlhf.tools import sample_turns
+
+    if toolbox is None:
+        return sample
+    return functools.partial(sample_turns, toolbox=toolbox, tokenizer=tokenizer)
+
+
+def _prompts_and_policy(args, config, data_config, toolbox=None):
     from jaxrlhf.data.formats import load_prompt_dataset
     from jaxrlhf.data.preference import tokenize_prompts
     from jaxrlhf.models.tokenizer import load_tokenizer
@@ -117,7 +143,12 @@ def _prompts_and_policy(args, config, data_config):
     policy = model_dir(args.policy, "policy")
     tokenizer = load_tokenizer(policy)
     rows = load_prompt_dataset(args.prompts, data_config, report=note, tokenizer=tokenizer)
-    prompts = tokenize_prompts(rows, tokenizer, data_config, source=args.prompts)
+    tools = None
+    if toolbox is not None:  # a chat template that lists tools shows them to the model
+        from jaxrlhf.tools import tool_schema
+
+        tools = [tool_schema(fn) for fn in toolbox.tools.values()]
+    prompts = tokenize_prompts(rows, tokenizer, data_config, source=args.prompts, tools=tools)
     check_prompts_fit((policy,), prompts, config.max_new_tokens, "--grpo-max-new-tokens")
     return policy, tokenizer, prompts
 
@@ -167,6 +198,7 @@ def cmd_dpo(args) -> int:
 def add_algorithm_parsers(sub) -> None:
     """The ``grpo`` and ``dpo`` subcommands."""
     from jaxrlhf.data.preference import DataConfig
+    from jaxrlhf.tools import ToolConfig
     from jaxrlhf.train.dpo import DPOConfig
     from jaxrlhf.train.grpo_config import GRPOConfig
 
@@ -186,9 +218,17 @@ def add_algorithm_parsers(sub) -> None:
     grpo.add_argument(
         "--out", required=True, help="output directory (metrics, checkpoints, policy)"
     )
+    grpo.add_argument(
+        "--tool",
+        action="append",
+        default=[],
+        help="module:function with fn(call_text) -> str, a tool the policy may call mid-episode "
+        "(repeatable), e.g. jaxrlhf.tools:calculator; see --tool-* and --max-turns",
+    )
     add_common(grpo, resume=True)
     add_sample_flags(grpo)
     add_config(grpo, GRPOConfig)
+    add_config(grpo, ToolConfig)
 
     dpo = sub.add_parser("dpo", help="direct preference optimisation on preference pairs",
                          description=f"DPO (Rafailov et al. 2023); {TB_HELP}.")  # fmt: skip

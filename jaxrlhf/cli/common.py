@@ -23,6 +23,7 @@ PREFIXES = {
     "GRPOConfig": "grpo-",
     "DPOConfig": "dpo-",
     "CollectConfig": "collect-",
+    "ToolConfig": "tool-",
 }
 
 DATA_HELP = "a json/jsonl/parquet/csv file, a dataset directory or a Hub dataset name"
@@ -253,7 +254,7 @@ class SampleLog:
         from jaxrlhf.rollout import sample
 
         t = self.trainer
-        rollout = sample(
+        rollout = getattr(t, "sampler", sample)(
             t.actor(), self.prompt_ids, self.prompt_mask, t.config.sampling,
             jax.random.PRNGKey(iteration), eos_token_id=t.eos_token_id,
             pad_token_id=t.pad_token_id,
@@ -266,7 +267,7 @@ class SampleLog:
                 np.asarray(self.prompt_ids),
                 np.asarray(self.prompt_mask),
                 np.asarray(rollout.tokens),
-                np.asarray(rollout.mask),
+                np.asarray(rollout.attention_mask),  # a tool's answers are shown too
                 scores,
             )
         ]

@@ -58,7 +58,7 @@ def _scalar_parser(tp, optional: bool, flag: str):
     return parse
 
 
-UNPREFIXED = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter")
+UNPREFIXED = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter", "max_turns")
 """Fields whose flag also has an unprefixed spelling (``--lora-rank``), for the first config of a
 command that has them (the trainer's)."""
 

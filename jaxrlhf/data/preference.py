@@ -214,22 +214,22 @@ def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = False
     return text + ("assistant:" if add_generation_prompt else "")
 
 
-def render(tokenizer, messages, *, add_generation_prompt: bool) -> str:
-    """A chat as text: the tokenizer's chat template when it has one, else :func:`render_chat`."""
+def render(tokenizer, messages, *, add_generation_prompt: bool, tools=None) -> str:
+    """A chat as text: the tokenizer's chat template when it has one (``tools``: JSON schemas the
+    template lists for the model, ``tools.tool_schema``), else :func:`render_chat`."""
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     template = getattr(tokenizer, "chat_template", None)
     if template:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return tokenizer.apply_chat_template(messages, tokenize=False, tools=tools or None,
+                                             add_generation_prompt=add_generation_prompt)  # fmt: skip
     return render_chat(messages, add_generation_prompt=add_generation_prompt)
 
 
-def render_prompt(prompt, tokenizer=None) -> str:
+def render_prompt(prompt, tokenizer=None, tools=None) -> str:
     """Text of a prompt: itself, or its chat rendered with a generation prompt."""
     if isinstance(prompt, str):
         return prompt
-    return render(tokenizer, prompt, add_generation_prompt=True)
+    return render(tokenizer, prompt, add_generation_prompt=True, tools=tools)
 
 
 def render_response(prompt, response, tokenizer=None, *, where: str = "response") -> str:
@@ -366,11 +366,11 @@ def _rows(data, columns):
     return list(data.select_columns(list(columns)))
 
 
-def encode_prompt(prompt, tokenizer, config: DataConfig, where: str) -> tuple[list[int], bool]:
+def encode_prompt(prompt, tokenizer, config: DataConfig, where: str, tools=None):
     """Token ids of a (rendered) prompt within ``max_prompt_length``, and whether it was cut."""
     P = config.max_prompt_length
     return fit(
-        encode(tokenizer, render_prompt(prompt, tokenizer)),
+        encode(tokenizer, render_prompt(prompt, tokenizer, tools)),
         P,
         keep="end",
         truncate=config.truncate,
@@ -400,7 +400,7 @@ def encode_response(
 
 
 def tokenize_prompts(
-    data, tokenizer, config: DataConfig, *, source: str = "dataset"
+    data, tokenizer, config: DataConfig, *, source: str = "dataset", tools=None
 ) -> PromptBatch:
     """Prompt column of ``data`` (Dataset, list of dicts or dict of lists) → left-padded ``[N, P]``,
     P the longest prompt rounded up to a multiple of 8 (at most ``max_prompt_length``), or
@@ -410,7 +410,7 @@ def tokenize_prompts(
     encoded, cut = [], 0
     for i, row in enumerate(rows):
         ids, was_cut = encode_prompt(
-            row["prompt"], tokenizer, config, f"{source}: row {i}, column 'prompt'"
+            row["prompt"], tokenizer, config, f"{source}: row {i}, column 'prompt'", tools
         )
         encoded.append(ids)
         cut += was_cut

@@ -3,9 +3,10 @@
     run_demo(DemoConfig())                                   # reviews: SFT → reward model → PPO
     run_demo(DemoConfig(algo="dpo"))                         # reviews: DPO beside PPO
     run_demo(DemoConfig(task="arithmetic", algo="grpo"))     # arithmetic: GRPO / Dr. GRPO / RLOO
+    run_demo(DemoConfig(task="calculator", algo="grpo"))     # products, with a calculator tool
 
 :mod:`jaxrlhf.demo.common` holds what the runs share and the presets, :mod:`jaxrlhf.demo.ppo` the
-default run, :mod:`jaxrlhf.demo.algorithms` the others. The demo imports the library, never the
+default run, :mod:`jaxrlhf.demo.algorithms` the others, :mod:`jaxrlhf.demo.calculator` tool use. The demo imports the library, never the
 command line.
 """
 
@@ -15,12 +16,14 @@ import dataclasses
 from collections.abc import Callable
 
 from jaxrlhf.demo.algorithms import run_arithmetic, run_dpo
+from jaxrlhf.demo.calculator import run_calculator
 from jaxrlhf.demo.common import (
     DEMO_DPO,
     DEMO_GRPO,
     DEMO_PPO,
     DEMO_REWARD,
     DEMO_SFT,
+    GROUP_ALGOS,
     TASKS,
     DemoConfig,
 )
@@ -56,6 +59,9 @@ def run_demo(
         return run_ppo_demo(demo, sft, reward, ppo, progress=progress, echo=echo)
     if demo.algo == "dpo":
         return run_dpo(demo, sft, reward, ppo, dpo, progress=progress, echo=echo)
+    if demo.task == "calculator":
+        return run_calculator(demo, grpo, group_advantage=GROUP_ALGOS[demo.algo],
+                              progress=progress, echo=echo)  # fmt: skip
     return run_arithmetic(demo, grpo, progress=progress, echo=echo)
 
 

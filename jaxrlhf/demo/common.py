@@ -35,7 +35,11 @@ from jaxrlhf.train.reward import (
 )
 from jaxrlhf.train.sft import SFTConfig, tiny_model_config
 
-TASKS = {"reviews": ("ppo", "dpo"), "arithmetic": ("grpo", "dr_grpo", "rloo")}
+TASKS = {
+    "reviews": ("ppo", "dpo"),
+    "arithmetic": ("grpo", "dr_grpo", "rloo"),
+    "calculator": ("grpo", "dr_grpo", "rloo"),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,10 +60,15 @@ class DemoConfig:
     run_without_kl: bool = option(True, "Also run PPO with kl_coef = 0 to show reward hacking.")
     num_samples_shown: int = option(6, "Completions shown in the report before and after PPO.")
     save_models: bool = option(True, "Export the policy and reward model (Hugging Face format).")
-    task: str = option("reviews", "reviews (a learned reward; the default) | arithmetic (exact).")
+    task: str = option(
+        "reviews",
+        "reviews (a learned reward; the default) | arithmetic (exact) | calculator (exact, with a "
+        "calculator tool in the episode).",
+    )
     algo: str = option(
         "ppo",
-        "ppo (with and without KL) | dpo (vs PPO, reviews) | grpo | dr_grpo | rloo (arithmetic).",
+        "ppo (with and without KL) | dpo (vs PPO, reviews) | grpo | dr_grpo | rloo (arithmetic, "
+        "calculator).",
     )
 
     lora_rank: int = option(

@@ -1,7 +1,15 @@
 """The math of RLHF with PPO: pure functions on arrays (no models, no configs).
 
 Convention: the last axis is time ([T] for one sequence, [B, T] for a batch, any leading dims); a
-``mask`` is 0/1 and marks the valid response tokens of each row as one contiguous run.
+``mask`` is 0/1 and marks the policy's own tokens, its actions. It may have holes: in a multi-turn
+(tool-use) episode the policy writes, a tool or environment inserts tokens (mask 0), the policy
+writes again, then padding. Since log P(τ|θ) = log p(s₀) + Σₜ log π_θ(aₜ|sₜ) + Σₜ log P(sₜ₊₁|sₜ,aₜ)
+and the transitions do not depend on θ, inserted tokens belong to the state: they are out of the
+loss, the ratio and the KL, and they are no time steps. Every function over time therefore gives,
+at policy tokens, what it gives on the row with its holes removed (masked-in entries moved left,
+mask one run of 1s), and 0 at masked positions: γ counts policy steps, V(sₜ₊₁) is read at the next
+policy token, the score lands on the last one. (``aggregation="seq_mean_token_sum_norm"`` divides
+by the padded length T, so compact into the same T for that identity.)
 """
 
 from jaxrlhf.rl._checks import MAX_LOG_RATIO

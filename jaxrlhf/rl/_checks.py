@@ -27,5 +27,10 @@ def zero_masked(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
 
 
 def last_valid_index(mask: jnp.ndarray) -> jnp.ndarray:
-    """Index of the last valid token of each row ([...]); -1 for a row with no valid token."""
-    return jnp.sum(mask.astype(jnp.int32), axis=-1) - 1
+    """Index of the last valid token of each row ([...]); -1 for a row with no valid token.
+
+    The index of the last 1, wherever the holes are (not Σ mask − 1, which is the same only for one
+    contiguous run starting at t = 0).
+    """
+    positions = jnp.arange(mask.shape[-1], dtype=jnp.int32)  # [T]
+    return jnp.max(jnp.where(mask.astype(bool), positions, -1), axis=-1, initial=-1)

@@ -95,7 +95,8 @@ def reinforce_pp_advantages(
     token, the score at the last one), so Gₜ is the score minus the KL still to come.
 
     Args:
-      rewards: [..., T] per-token rewards.  mask: [..., T].  gamma: γ (1 in REINFORCE++).
+      rewards: [..., T] per-token rewards.  mask: [..., T] policy tokens (holes allowed, as in
+        ``reward_to_go``).  gamma: γ (1 in REINFORCE++).
     Returns:
       [..., T] advantages, 0 at masked positions.
     """

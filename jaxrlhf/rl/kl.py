@@ -63,10 +63,15 @@ def kl_penalized_rewards(
 
     rₜ = −β · KLₜ + 1[t = t_last] · score        (Ziegler et al. 2019, arXiv:1909.08593)
 
+    KLₜ is paid at policy tokens only and t_last is the last policy token (the index of the last 1
+    of ``mask``): tokens a tool or environment inserted (holes in the mask) are not sampled from π,
+    so they are no actions and carry no KL; on the sequence with the holes removed this is the
+    single-turn reward.
+
     Args:
       scores: [...] the reward model's score of each sequence.
       logprobs, ref_logprobs: [..., T] log π and log π_ref of the sampled tokens.
-      mask: [..., T] valid response tokens.
+      mask: [..., T] policy tokens (holes allowed).
       kl_coef: β ≥ 0.  kind: the KL estimator (see ``kl_estimate``).
     Returns:
       [..., T] rewards, 0 at masked positions.
@@ -97,7 +102,8 @@ def kl_loss(
 
     Args:
       logprobs: [..., T] log π_θ (differentiated).  ref_logprobs: [..., T] log π_ref (constants).
-      mask: [..., T].  kind: "k1" | "k2" | "k3".
+      mask: [..., T] policy tokens (holes allowed: environment tokens carry no KL).
+      kind: "k1" | "k2" | "k3".
     Returns:
       [..., T] per-token KL, 0 at masked positions; reduce it with ``aggregate``.
     """

@@ -60,6 +60,10 @@ def aggregate(per_token: jnp.ndarray, mask: jnp.ndarray, *, aggregation: str = "
     length bias Dr. GRPO removes from GRPO). trl's ``dr_grpo`` divides by ``max_completion_length``:
     the same when responses are padded to the generation budget. Unlike the other three, it does
     depend on how much padding a batch carries.
+
+    A mask with holes (environment tokens of a multi-turn episode, see ``jaxrlhf.rl``) counts only
+    its policy tokens: Σₜ m and the sums are those of the row with its holes removed. For
+    ``seq_mean_token_sum_norm`` that holds when the compacted row keeps the same padded length T.
     """
     total, count = aggregate_terms(per_token, mask, aggregation=aggregation)
     return total / jnp.maximum(count, 1.0)
@@ -92,6 +96,8 @@ def clipped_surrogate(
     gradient flows through the mean. GSPO's objective is this with advantages constant along each
     row and ``aggregation="seq_mean_token_mean"``.
     ``weights`` wₜ (constants, e.g. ``tis_weights``) multiply each token's loss; None: wₜ = 1.
+    With holes in the mask (environment tokens, see ``jaxrlhf.rl``) |y| = Σₜ mₜ counts the policy
+    tokens only: the sequence ratio is that of the actions, π_θ(y)/π_old(y) without the transitions.
 
     Args:
       logprobs: [..., T] log π_θ (differentiated).  old_logprobs: [..., T] log π_old (constants).

@@ -1,4 +1,8 @@
-"""Masked reductions and the PPO diagnostics (clip fraction, approximate KL, explained variance)."""
+"""Masked reductions and the PPO diagnostics (clip fraction, approximate KL, explained variance).
+
+Every reduction here is a sum over the valid entries, whatever their order: a mask with holes
+(environment tokens between policy tokens) gives what the row with its holes removed gives.
+"""
 
 from __future__ import annotations
 

@@ -43,6 +43,12 @@ class Experience:
     rewards: jax.Array  # float32 [B, N]  −β KLₜ + score at the last token
     advantages: jax.Array  # float32 [B, N] whitened GAE advantages
     returns: jax.Array  # float32 [B, N]  GAE returns (value targets)
+    # With tools: 1 at every token of the episode (response_mask is 0 at the tools' answers)
+    response_attention: jax.Array | None = None  # float32 [B, N]; None: response_mask
+
+    @property
+    def attention_mask(self) -> jax.Array:
+        return self.response_mask if self.response_attention is None else self.response_attention
 
 
 def missing_eos_penalty(scores, response_ids, response_mask, *, eos_token_id, penalty):
@@ -113,7 +119,7 @@ def make_experience(
 
 def experience_from_scores(prompt_ids, prompt_mask, response_ids, mask, logprobs, ref_logprobs,
                            values, scores, *, kl_coef, kl_estimator: str, gamma: float, lam: float,
-                           whiten_rewards: bool) -> Experience:  # fmt: skip
+                           whiten_rewards: bool, attention=None) -> Experience:  # fmt: skip
     """The Experience of a rollout whose tokens are scored (log π_old, log π_ref, V_old [B, N],
     0 where ``mask`` is 0): :func:`ppo_targets` and the fields together."""
     scores = scores.astype(jnp.float32)
@@ -125,6 +131,7 @@ def experience_from_scores(prompt_ids, prompt_mask, response_ids, mask, logprobs
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
         response_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
         scores=scores, rewards=rewards, advantages=advantages, returns=returns,
+        response_attention=attention,
     )  # fmt: skip
 
 
@@ -187,20 +194,21 @@ def response_outputs(policy, prompt_ids, prompt_mask, response_ids, response_mas
 
 
 def score_tokens(policy, reference, prompt_ids, prompt_mask, response_ids, mask, *, temperature,
-                 logits_chunk_size=None, rollout_logprobs=None):  # fmt: skip
+                 logits_chunk_size=None, rollout_logprobs=None, attention=None):  # fmt: skip
     """log π_old, log π_ref and V_old [B, N] (0 where masked) of the policy and the frozen
     reference (a CausalLM): what ``_score_tokens_from_logits`` gives on their full logits, from
     the hidden states at the response positions (:func:`response_outputs`,
-    ``CausalLM.response_logprobs``)."""
+    ``CausalLM.response_logprobs``). ``attention``: the tokens attended to (tools' answers too)."""
+    attention = mask if attention is None else attention
     logprobs, _, values = response_outputs(
-        policy, prompt_ids, prompt_mask, response_ids, mask, temperature=temperature,
+        policy, prompt_ids, prompt_mask, response_ids, attention, temperature=temperature,
         logits_chunk_size=logits_chunk_size, logprobs=rollout_logprobs is None,
     )  # fmt: skip
     if rollout_logprobs is not None:
         chex.assert_equal_shape([rollout_logprobs, response_ids])
         logprobs = rollout_logprobs.astype(jnp.float32)  # [B, N]
     ref_logprobs, _ = reference.response_logprobs(
-        prompt_ids, prompt_mask, response_ids, mask, temperature=temperature,
+        prompt_ids, prompt_mask, response_ids, attention, temperature=temperature,
         logits_chunk_size=logits_chunk_size,
     )  # [B, N]  # fmt: skip
     return tuple(jnp.where(mask > 0, x, 0.0) for x in (logprobs, ref_logprobs, values))
@@ -275,15 +283,18 @@ def score_rollout(
         policy, reference, prompt_ids, prompt_mask, rollout.tokens, mask,
         temperature=temperature, logits_chunk_size=logits_chunk_size,
         rollout_logprobs=rollout.logprobs if use_sampler_logprobs else None,
+        attention=rollout.attention,
     )  # fmt: skip
     exp = experience_from_scores(
         prompt_ids, prompt_mask, rollout.tokens, mask, logprobs, ref_logprobs, values, scores,
         kl_coef=kl_coef, kl_estimator=kl_estimator, gamma=gamma, lam=lam,
-        whiten_rewards=whiten_rewards,
+        whiten_rewards=whiten_rewards, attention=rollout.attention,
     )  # fmt: skip
     metrics = experience_metrics(
         exp, kl_coef=kl_coef, kl_estimator=kl_estimator, eos_token_id=eos_token_id
     )
+    if rollout.tool_calls is not None:
+        metrics["tools/calls_per_episode"] = jnp.mean(rollout.tool_calls.astype(jnp.float32))
     return exp, metrics
 
 
@@ -315,7 +326,7 @@ class RewardModelFn:
 
     def __call__(self, prompt_ids, prompt_mask, rollout, *, group_size=1):
         return _reward_model_scores(
-            self.state, prompt_ids, prompt_mask, rollout.tokens, rollout.mask,
+            self.state, prompt_ids, prompt_mask, rollout.tokens, rollout.attention_mask,
             graphdef=self.graphdef, group_size=group_size,
         )  # fmt: skip
 

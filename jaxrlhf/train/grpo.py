@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,6 +40,7 @@ from jaxrlhf.rollout import Rollout, sample
 from jaxrlhf.train.checkpoint import save_checkpoint
 from jaxrlhf.train.experience import RewardModelFn
 from jaxrlhf.train.grpo_config import GRPOConfig
+from jaxrlhf.train.grpo_rewards import score_groups, text_reward_fn  # noqa: F401 (re-exported)
 from jaxrlhf.train.loop import restore_run, run_iterations
 from jaxrlhf.train.optim import fit_rollout_batch
 from jaxrlhf.train.ppo import prompt_batch_indices
@@ -54,7 +54,8 @@ class GroupBatch:
     prompt_ids: jax.Array  # int32 [R, P]   each prompt repeated G times (R = B·G)
     prompt_mask: jax.Array  # [R, P]
     response_ids: jax.Array  # int32 [R, N]
-    response_mask: jax.Array  # float32 [R, N]
+    response_mask: jax.Array  # float32 [R, N]  1 at the policy's tokens (0 at tools' answers)
+    response_attention: jax.Array  # float32 [R, N]  1 at every token of the episode
     logprobs: jax.Array  # float32 [R, N]  log π_old by a forward pass before the update (zeros when
     #                      on-policy: the loss then uses its own log π_θ, without gradient)
     rollout_logprobs: jax.Array  # float32 [R, N]  log π of the sampler (TIS)
@@ -94,7 +95,8 @@ class GroupLoss:
     def __call__(self, params, batch: GroupBatch) -> Means:
         G, mask = self.group_size, batch.response_mask
         logprobs, entropy = nnx.merge(self.graphdef, params).response_logprobs(
-            batch.prompt_ids[::G], batch.prompt_mask[::G], batch.response_ids, mask,
+            batch.prompt_ids[::G], batch.prompt_mask[::G], batch.response_ids,
+            batch.response_attention,
             group_size=G, temperature=self.temperature, logits_chunk_size=self.logits_chunk_size,
             entropy=True,
         )  # [b, N] each (the entropy a metric: no gradient)  # fmt: skip
@@ -155,11 +157,12 @@ def make_group_batch(
 ):  # fmt: skip
     """log π_old (unless ``on_policy``: the loss takes it) and log π_ref of the responses, then the
     advantages → (GroupBatch, metrics). Rows in group order; each prompt is run once per group."""
-    mask = rollout.mask
+    mask = rollout.mask  # the policy's tokens: with tools, holes where the tools answered
 
     def logprobs_of(model):
         logprobs, _ = model.response_logprobs(
-            prompt_ids[::group_size], prompt_mask[::group_size], rollout.tokens, mask,
+            prompt_ids[::group_size], prompt_mask[::group_size], rollout.tokens,
+            rollout.attention_mask,
             group_size=group_size, temperature=temperature, logits_chunk_size=logits_chunk_size,
         )  # [R, N]  # fmt: skip
         return jnp.where(mask > 0, logprobs, 0.0)
@@ -181,7 +184,8 @@ def make_group_batch(
         advantages = sequence_advantages(scores, mask, advantage=advantage, group_size=group_size)
     batch = GroupBatch(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=rollout.tokens,
-        response_mask=mask, logprobs=logprobs, rollout_logprobs=rollout.logprobs,
+        response_mask=mask, response_attention=rollout.attention_mask, logprobs=logprobs,
+        rollout_logprobs=rollout.logprobs,
         ref_logprobs=ref_logprobs, advantages=advantages,
     )  # fmt: skip
     groups = scores.reshape(-1, group_size)
@@ -191,6 +195,8 @@ def make_group_batch(
         "frac_reward_zero_std": jnp.mean(zero_std_groups(scores, group_size).astype(jnp.float32)),
         "completions/mean_length": jnp.mean(jnp.sum(mask, axis=-1)),
     }
+    if rollout.tool_calls is not None:
+        metrics["tools/calls_per_episode"] = jnp.mean(rollout.tool_calls.astype(jnp.float32))
     if not on_policy:  # (on-policy, the loss reports the mean gap from its own forward pass)
         mismatch = rl.logprob_mismatch(logprobs, rollout.logprobs, mask)
         metrics["tis/mean_abs_logprob_diff"] = mismatch["mean_abs_diff"]
@@ -241,11 +247,12 @@ class Recipe:
         return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
 
-def draw_groups(recipe: Recipe, params, prompt_ids, prompt_mask, rng, reward_fn):
+def draw_groups(recipe: Recipe, params, prompt_ids, prompt_mask, rng, reward_fn, sampler=sample):
     """Steps 1–2: G responses to each of the B prompts [B, P], each prompt prefilled once, and their
-    scores → (prompt_ids, prompt_mask [R, P] in group order, rollout [R, N], scores [R])."""
+    scores → (prompt_ids, prompt_mask [R, P] in group order, rollout [R, N], scores [R]).
+    ``sampler``: ``rollout.sample``, or episodes in turns with tools (``tools.sample_turns``)."""
     c = recipe.config
-    rollout = sample(nnx.merge(recipe.graphdef, params), prompt_ids, prompt_mask, c.sampling, rng,
+    rollout = sampler(nnx.merge(recipe.graphdef, params), prompt_ids, prompt_mask, c.sampling, rng,
                      eos_token_id=recipe.eos_token_id, pad_token_id=recipe.pad_token_id,
                      group_size=c.group_size)  # fmt: skip
     prompt_ids, prompt_mask = (
@@ -300,51 +307,6 @@ def iterate(recipe: Recipe, state: GRPOState, reference_state, reward_fn, prompt
     return GRPOState(train=train, rng=rng, iteration=state.iteration + 1), metrics
 
 
-# ============================================================================ reward functions
-
-
-def score_groups(reward_fn, prompt_ids, prompt_mask, rollout: Rollout, group_size: int):
-    """reward_fn's scores [R] (float32) of responses in groups of ``group_size`` rows that share a
-    prompt; a reward function with ``shares_prompts = True`` (``reward_model_fn``) is told the group
-    size, so it may run each prompt once."""
-    if getattr(reward_fn, "shares_prompts", False):
-        scores = reward_fn(prompt_ids, prompt_mask, rollout, group_size=group_size)
-    else:
-        scores = reward_fn(prompt_ids, prompt_mask, rollout)
-    return jnp.asarray(scores, jnp.float32)
-
-
-def text_reward_fn(functions, tokenizer, *, weights=None) -> Callable:
-    """A token-level ``reward_fn(prompt_ids, prompt_mask, rollout) -> [R]`` from Python rules on
-    text, each ``fn(prompts: list[str], completions: list[str]) -> list[float]``, summed with
-    ``weights`` (default 1 each); fractional values are kept (float32)."""
-    weights = [1.0] * len(functions) if weights is None else list(weights)
-    if len(weights) != len(functions):
-        raise ValueError(f"{len(weights)} weights for {len(functions)} reward functions")
-
-    def decode(ids, mask):
-        return [
-            tokenizer.decode([t for t, m in zip(row, keep) if m], skip_special_tokens=True)
-            for row, keep in zip(np.asarray(ids).tolist(), np.asarray(mask).tolist())
-        ]
-
-    def reward_fn(prompt_ids, prompt_mask, rollout):
-        prompts, completions = decode(prompt_ids, prompt_mask), decode(rollout.tokens, rollout.mask)
-        total = np.zeros(len(completions), np.float32)
-        for fn, w in zip(functions, weights):
-            values = np.asarray(fn(prompts, completions), np.float32)
-            if values.shape != total.shape:
-                name = getattr(fn, "__name__", repr(fn))
-                raise ValueError(
-                    f"reward function {name} returned {values.shape[0] if values.ndim else 'a scalar'}"
-                    f" values for {len(completions)} completions"
-                )
-            total += w * values
-        return jnp.asarray(total)
-
-    return reward_fn
-
-
 # ============================================================================ the trainer
 
 
@@ -358,8 +320,9 @@ class GRPOTrainer:
     """
 
     def __init__(self, config: GRPOConfig, actor: CausalLM, reference: CausalLM | None, reward_fn,
-                 prompt_ids, prompt_mask, *, eos_token_id=None, pad_token_id=0):  # fmt: skip
-        self.config, self.reward_fn = config, reward_fn
+                 prompt_ids, prompt_mask, *, eos_token_id=None, pad_token_id=0,
+                 sampler=sample):  # fmt: skip
+        self.config, self.reward_fn, self.sampler = config, reward_fn, sampler
         self.prompt_ids, self.prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
         # a batch the prompts fill, a warm-up the run holds (optim.fit_rollout_batch notes a cut)
         self.config = config = fit_rollout_batch(
@@ -386,7 +349,7 @@ class GRPOTrainer:
         # rules), no refilling loop (dynamic sampling), a train step that runs inside jit (not pmap).
         self.one_program = (
             isinstance(reward_fn, RewardModelFn) and not config.dynamic_sampling
-            and self.stepper.in_jit
+            and self.stepper.in_jit and sampler is sample
         )  # fmt: skip
         self.state = GRPOState(
             train=init_train_state(params, config.optimizer, frozen),
@@ -396,11 +359,12 @@ class GRPOTrainer:
 
     @classmethod
     def from_sft(cls, config: GRPOConfig, sft: CausalLM, prompt_ids, prompt_mask, *,
-                 reward_fn, eos_token_id=None, pad_token_id=0) -> GRPOTrainer:  # fmt: skip
+                 reward_fn, eos_token_id=None, pad_token_id=0, sampler=sample) -> GRPOTrainer:  # fmt: skip
         """The actor is a copy of ``sft`` (in float32 with the config's compute dtype / remat); the
         reference is ``sft`` itself (used only when kl_coef > 0)."""
         return cls(config, config.trainable(sft), config.reference(sft), reward_fn, prompt_ids,
-                   prompt_mask, eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
+                   prompt_mask, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                   sampler=sampler)  # fmt: skip
 
     # -- one iteration: the recipe -----------------------------------------------------------------
 
@@ -441,7 +405,7 @@ class GRPOTrainer:
                     len(self.prompt_ids), c.batch_size, replace=False
                 )
             groups = draw_groups(self.recipe, params, self.prompt_ids[idx], self.prompt_mask[idx],
-                                 rng, self.reward_fn)  # fmt: skip
+                                 rng, self.reward_fn, self.sampler)  # fmt: skip
             if not c.dynamic_sampling:
                 return groups, 0
             kept, filled = _merge_groups(kept, groups, c.group_size)

@@ -200,13 +200,18 @@ class PPOTrainer:
         *,
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
+        sampler: Callable = sample,
     ):
         if config.separate_critic != isinstance(policy, PolicyWithCritic):
             raise ValueError(
                 f"PPOConfig.separate_critic = {config.separate_critic} but the policy is a "
                 f"{type(policy).__name__} (use PPOTrainer.from_sft to build it from the config)"
             )
-        self.config, self.reward_fn = config, reward_fn
+        self.config, self.reward_fn, self.sampler = (
+            config,
+            reward_fn,
+            sampler,
+        )  # (tools.sample_turns)
         self.prompt_ids, self.prompt_mask = _check_prompts(prompt_ids, prompt_mask, config)
         # a batch the prompts fill, a warm-up the run holds (optim.fit_rollout_batch notes a cut)
         self.config = config = fit_rollout_batch(config, len(self.prompt_ids), what="PPO")
@@ -255,6 +260,7 @@ class PPOTrainer:
         reward_fn: Callable | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
+        sampler: Callable = sample,
     ) -> PPOTrainer:
         """The run ``config`` describes, starting from an SFT model: the policy is a copy of
         ``sft`` plus a critic (``separate_critic``, ``critic_init``), the reference is ``sft``
@@ -282,6 +288,7 @@ class PPOTrainer:
             prompt_mask,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            sampler=sampler,
         )
 
     # -- one iteration: the recipe ---------------------------------------------------------------
@@ -295,7 +302,7 @@ class PPOTrainer:
 
         # 1. sample responses from the current actor
         actor = nnx.merge(self.actor_graphdef, params["lm"])
-        rollout = sample(
+        rollout = self.sampler(
             actor, prompt_ids, prompt_mask, c.sampling, rollout_rng,
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
         )  # fmt: skip

@@ -58,7 +58,7 @@ class PPOLoss:
         """(log π(a_t | s_t), H_t, V(s_t)) of the policy at the response tokens, [b, N] each."""
         return response_outputs(
             nnx.merge(self.graphdef, params), batch.prompt_ids, batch.prompt_mask,
-            batch.response_ids, batch.response_mask, temperature=self.temperature,
+            batch.response_ids, batch.attention_mask, temperature=self.temperature,
             logits_chunk_size=self.logits_chunk_size, entropy=True,
             entropy_grad=self.ent_coef != 0,
         )  # fmt: skip
