@@ -158,8 +158,8 @@ def bench_jaxrlhf(name: str, updates: int, *, scan_layers: bool = True, lora_ran
     }
 
 
-PHASES = {  # phase of one update: (the ppo module's function it runs, the FLOP keys it does)
-    "rollout": ("sample", ("rollout",)),
+PHASES = {  # phase of one update: (the function it runs, the FLOP keys it does)
+    "rollout": ("sampler", ("rollout",)),  # the trainer's sampler (rollout.sample)
     "scoring": ("score_rollout", ("reference", "value forward")),
     "train step": ("run_steps", ("train step",)),
 }
@@ -186,18 +186,20 @@ def phase_times(trainer, updates: int) -> dict[str, float]:
 
         return wrapper
 
-    originals = {attr: getattr(ppo, attr) for attr, _ in PHASES.values()}
-    reward_fn = trainer.reward_fn
+    in_module = {attr: getattr(ppo, attr) for attr, _ in PHASES.values() if attr != "sampler"}
+    reward_fn, sampler = trainer.reward_fn, trainer.sampler
     try:
         for name, (attr, _) in PHASES.items():
-            setattr(ppo, attr, timed(name, originals[attr]))
+            if attr in in_module:
+                setattr(ppo, attr, timed(name, in_module[attr]))
         trainer.reward_fn = timed("reward model", reward_fn)
+        trainer.sampler = timed("rollout", sampler)
         for _ in range(updates):
             trainer.step()
     finally:
-        for attr, fn in originals.items():
+        for attr, fn in in_module.items():
             setattr(ppo, attr, fn)
-        trainer.reward_fn = reward_fn
+        trainer.reward_fn, trainer.sampler = reward_fn, sampler
     means = {name: float(np.mean(times)) for name, times in spent.items()}
     means["scoring"] += means.pop("reward model")
     return means

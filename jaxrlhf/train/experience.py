@@ -131,7 +131,7 @@ def experience_from_scores(prompt_ids, prompt_mask, response_ids, mask, logprobs
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
         response_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
         scores=scores, rewards=rewards, advantages=advantages, returns=returns,
-        response_attention=attention,
+        response_attention=mask if attention is None else attention,
     )  # fmt: skip
 
 
