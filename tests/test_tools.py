@@ -284,3 +284,24 @@ def test_ppo_trains_on_episodes_with_tool_calls(world):
     for name in ("logprobs", "values", "rewards", "advantages", "returns"):
         assert np.all(np.asarray(getattr(exp, name))[holes] == 0), name
     np.testing.assert_array_equal(exp.attention_mask, rollout.attention)
+
+
+def test_a_chat_template_that_takes_tools_is_given_their_schemas():
+    from jaxrlhf.data.preference import DataConfig, tokenize_prompts
+    from jaxrlhf.tools import tool_schema
+
+    tokenizer = char_tokenizer("0123456789+*=:abcdefghijklmnopqrstuvwxyz ")
+    tokenizer.chat_template = (
+        "{% for t in tools or [] %}tools:{{ t['function']['name'] }} {% endfor %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    chats = [{"prompt": [{"role": "user", "content": "12*3="}]}]
+    config = DataConfig(max_prompt_length=64)
+    with_tools = tokenize_prompts(chats, tokenizer, config, tools=[tool_schema(calculator)])
+    plain = tokenize_prompts(chats, tokenizer, config)
+    decode = tokenizer.decode
+    assert (
+        decode(with_tools.input_ids[0][with_tools.attention_mask[0] > 0])
+        == "tools:calculator 12*3="
+    )
+    assert decode(plain.input_ids[0][plain.attention_mask[0] > 0]) == "12*3="
