@@ -162,7 +162,7 @@ def _start(state, input_ids, attention_mask, rng, settings, *, group_size, Q, **
         attention=jnp.zeros((B, N), jnp.float32), logprobs=jnp.zeros((B, N), jnp.float32),
     )  # fmt: skip
     token, logprob, policy, alive = _choose(s, ep, logits)
-    return _write(ep, s, token, logprob, policy, alive), s.kv_mask
+    return _write(ep, s, token, logprob, policy, alive)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("ep",))
@@ -247,7 +247,7 @@ def sample_turns(
         "max_turns": toolbox.config.max_turns, "group_size": group_size,
         "Q": toolbox.config.max_response_tokens,
     }  # fmt: skip
-    ep, _ = _start(state, ids, mask, rng, settings, **static)
+    ep = _start(state, ids, mask, rng, settings, **static)
     while True:
         ep = _resume(state, ep, ids, mask, rng, settings, **static)
         if int(ep.t) >= config.max_new_tokens or not bool(jnp.any(ep.waiting)):
