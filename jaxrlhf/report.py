@@ -54,6 +54,47 @@ def plot_curves(
     return written
 
 
+def plot_against_sqrt_kl(
+    runs: Mapping[str, Sequence[Mapping]],
+    start: Mapping[str, float],
+    path: str,
+    *,
+    keys: tuple[str, str, str] = ("eval/kl", "gold/score", "eval/learned_score"),
+) -> str | None:
+    """Gao et al.'s picture (2022, arXiv:2210.10760): the gold and the proxy (learned) reward of each
+    run against d = √KL(π ‖ π_init), each run starting at ``start`` ({"gold", "learned"}, d = 0).
+
+    ``keys``: the records' (KL, gold, proxy) metrics; records without them are skipped. Returns the
+    PNG's path, or None when no run has a point.
+    """
+    kl_key, gold_key, proxy_key = keys
+    fig, (gold_ax, proxy_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    drew = False
+    for run_name, records in runs.items():
+        points = [(0.0, start["gold"], start["learned"])] + [
+            (max(r[kl_key], 0.0) ** 0.5, r[gold_key], r[proxy_key])
+            for r in records
+            if all(r.get(k) is not None for k in keys)
+        ]
+        if len(points) < 2:
+            continue
+        d, gold, proxy = np.array(points, dtype=float).T
+        gold_ax.plot(d, gold, marker=".", label=run_name)
+        proxy_ax.plot(d, proxy, marker=".", label=run_name)
+        drew = True
+    if drew:
+        for ax, what in ((gold_ax, "gold reward"), (proxy_ax, "proxy (learned) reward")):
+            ax.set_xlabel("√KL(π ‖ π_init)  (nats^½, per sequence)")
+            ax.set_title(what)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path if drew else None
+
+
 def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
     """A GitHub markdown table of ``rows`` (floats with 3 decimals)."""
 

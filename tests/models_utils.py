@@ -181,3 +181,28 @@ def jit_apply(model, *args, method: str = "__call__", **kwargs):
     CPU than eager NNX calls, and the way trainers call the models (split outside, merge inside)."""
     graphdef, state = nnx.split(model)
     return _jit_apply(graphdef, state, args, kwargs, method)
+
+
+def padded_batch(
+    rows: list[list[int]], *, left: bool, pad: int = PAD
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of token ids padded with ``pad`` to the longest: (ids, mask) int32 [B, W]."""
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), pad, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for b, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[b, span], mask[b, span] = row, 1
+    return ids, mask
+
+
+def hf_scores(path, rows: list[list[int]]) -> np.ndarray:
+    """transformers' reward scores of right-padded rows (default positions, no extra argument)."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
+    ids, mask = padded_batch(rows, left=False)
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask)).logits
+    return logits[:, 0].numpy()

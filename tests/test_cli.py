@@ -355,7 +355,9 @@ def readme_commands(section: str = "## Using it") -> list[list[str]]:
 def test_demo_smoke_then_the_readme_examples_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     commands = readme_commands()
-    assert [c[0] for c in commands] == ["demo", "sft", "train-rm", "ppo", "generate", "<command>"]
+    assert [c[0] for c in commands] == [
+        "demo", "sft", "train-rm", "ppo", "generate", "generate", "<command>"
+    ]  # fmt: skip
     assert commands[0] == ["demo", "--out-dir", "runs/demo"]
     # The demo, tiny (the README's other commands then run on its outputs with their defaults).
     argv = ["demo", "--out-dir", "runs/demo", "--quiet", "--hidden-size", "16"]
@@ -394,6 +396,9 @@ def test_demo_smoke_then_the_readme_examples_as_written(tmp_path, monkeypatch, c
     assert os.path.exists(tmp_path / "runs/rm/reward_model/config.json")
     assert [r["step"] for r in read_metrics(tmp_path / "runs/ppo/metrics.jsonl")][-1] == 100
     assert json.loads(out.strip().splitlines()[-1])["prompt"] == "the food was"
+    best = json.loads((tmp_path / "runs/best_of_8.jsonl").read_text())  # one prompt, one line
+    assert len(best["candidates"]) == 8
+    assert best["score"] == max(c["score"] for c in best["candidates"])
     with pytest.raises(SystemExit):  # `jaxrlhf <command> --help`: help for each command
         main(["sft", "--help"])
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from models_utils import hf_scores, padded_batch
 
 from jaxrlhf.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
 from jaxrlhf.models.hf import special_token_ids
@@ -142,26 +143,6 @@ def test_special_token_ids_order_and_a_foreign_tokenizer():
     foreign = types.SimpleNamespace(eos_token_id=config.vocab_size)  # a bigger vocabulary
     with pytest.raises(ValueError, match=r"tokenizer\.eos_token_id=300 is outside .*\[0, 300\)"):
         special_token_ids(config, foreign)
-
-
-def padded_batch(rows: list[list[int]], *, left: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of token ids padded with PAD to the longest: (ids, mask) int32 [B, W]."""
-    width = max(map(len, rows))
-    ids = np.full((len(rows), width), PAD, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for b, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[b, span], mask[b, span] = row, 1
-    return ids, mask
-
-
-def hf_scores(path, rows: list[list[int]]) -> np.ndarray:
-    """transformers' reward scores of right-padded rows (default positions, no extra argument)."""
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
-    ids, mask = padded_batch(rows, left=False)
-    with torch.no_grad():
-        logits = hf(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask)).logits
-    return logits[:, 0].numpy()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

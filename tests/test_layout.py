@@ -13,7 +13,18 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 MAX_FUNCTION_LINES = 60  # def line to last line, docstring included (decorators not counted)
 MAX_MODULE_LINES = 500
 
-LIBRARY = ("rl", "models", "data", "train", "collect", "tasks", "rollout")
+LIBRARY = (
+    "rl",
+    "models",
+    "data",
+    "train",
+    "collect",
+    "tasks",
+    "rollout",
+    "sampling",
+    "tools",
+    "best_of",
+)
 LAYER_RULES = (
     # (importers, forbidden targets, importers allowed anyway)
     (tuple(f"{PACKAGE}.{p}" for p in LIBRARY), (f"{PACKAGE}.cli", f"{PACKAGE}.demo"), ()),

@@ -314,3 +314,21 @@ def test_ppo_with_lora_trains_adapters_on_a_frozen_base_and_its_reference_is_fre
         and min(moved) > 0
         and float(jnp.abs(policy.value_head.kernel[...]).max()) > 0
     )
+
+
+def test_arithmetic_demo_with_rank_1_lora_matches_the_full_fine_tune(tmp_path):
+    """`jaxrlhf demo --task arithmetic --algo grpo` with and without `--lora-rank 1`, the presets
+    as they ship (the LoRA run at lora_lr_scale × the preset's rate): the held-out accuracies
+    after GRPO within 0.05 ("LoRA Without Regret": rank 1 is enough for RL). Measured, seed 0:
+    0.205 → 0.45 full, → 0.46 with rank 1 (seeds 1, 2: 0.365 / 0.36, 0.325 / 0.325)."""
+    from jaxrlhf.demo import DemoConfig, run_demo
+
+    after = {}
+    for rank in (0, 1):
+        demo = DemoConfig(task="arithmetic", algo="grpo", lora_rank=rank,
+                          out_dir=str(tmp_path / f"r{rank}"), save_models=False)  # fmt: skip
+        summary = run_demo(demo, progress=False, echo=lambda line: None)
+        accuracy = summary["held_out_accuracy"]
+        assert accuracy["after"] >= accuracy["before"] + 0.15, (rank, accuracy)
+        after[rank] = accuracy["after"]
+    assert abs(after[1] - after[0]) <= 0.05, after

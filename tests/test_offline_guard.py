@@ -154,3 +154,7 @@ def test_the_tiny_demo_makes_no_connection_and_loads_no_pickle(guard, tmp_path, 
     from_pretrained(out / "reward_model", head="reward")
     assert guard == []
     assert os.path.exists(out / "report.md")
+    # The report's over-optimisation plot: gold and proxy against √KL of the held-out samples.
+    assert "](plots/gold_vs_kl.png)" in (out / "report.md").read_text()
+    record = json.loads((out / "metrics_kl.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(record["eval/kl"]) and record["eval/kl"] > -0.5  # an estimate: mean k1

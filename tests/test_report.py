@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from jaxrlhf.logging import MetricsLogger, read_metrics
-from jaxrlhf.report import markdown_table, plot_curves, write_report
+from jaxrlhf.report import markdown_table, plot_against_sqrt_kl, plot_curves, write_report
 
 
 def test_metrics_jsonl_round_trip(tmp_path):
@@ -41,3 +41,19 @@ def test_report_writes_markdown_and_plots(tmp_path):
     text = open(path, encoding="utf-8").read()  # noqa: SIM115
     assert text.startswith("# T\n") and "## Numbers" in text
     assert "](plots/kl.png)" in text and os.path.exists(tmp_path / "plots" / "kl.png")
+
+
+def test_plot_against_sqrt_kl(tmp_path):
+    runs = {
+        "β = 0.1": [
+            {"step": i, "eval/kl": 0.5 * i, "gold/score": 1.0 + i, "eval/learned_score": 0.5 * i}
+            for i in (1, 2)
+        ],
+        "no evals": [{"step": 1, "objective/kl": 0.2}],
+    }
+    start = {"gold": 1.0, "learned": 0.0}
+    path = plot_against_sqrt_kl(runs, start, str(tmp_path / "p" / "gold_vs_kl.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert plot_against_sqrt_kl({"none": runs["no evals"]}, start, str(tmp_path / "q.png")) is None
+    assert not os.path.exists(tmp_path / "q.png")

@@ -243,6 +243,31 @@ def test_the_grpo_command_runs_with_a_tool(tmp_path, capsys):
         main([*argv[:7], "--tool", "nocolon", "--out", str(tmp_path / "x")])
 
 
+def test_the_ppo_command_runs_with_a_tool(tmp_path, capsys):
+    """`jaxrlhf ppo --tool`: PPO's episodes in turns, against a reward model on disk."""
+    from jaxrlhf.models import RewardModel
+
+    tokenizer = char_tokenizer("0123456789+*=")
+    tokenizer.add_tokens(MARKERS)
+    config = tiny_model_config(len(tokenizer), max_position_embeddings=64)
+    save_pretrained(CausalLM(config, rngs=nnx.Rngs(0)), tmp_path / "base", tokenizer=tokenizer)
+    save_pretrained(RewardModel(config, rngs=nnx.Rngs(1)), tmp_path / "rm", tokenizer=tokenizer)
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in ("12*3=", "7*8=", "4+4=", "9*9="))
+    out = tmp_path / "out"
+    argv = ["ppo", "--prompts", str(tmp_path / "prompts.jsonl"), "--policy", str(tmp_path / "base")]
+    argv += ["--reward-model", str(tmp_path / "rm"), "--out", str(out), "--quiet"]
+    argv += ["--tool", "test_tools:tail", "--tool-call-end", "7", "--max-turns", "1"]
+    argv += ["--ppo-num-iterations", "2", "--ppo-batch-size", "4", "--ppo-num-minibatches", "1"]
+    argv += ["--ppo-max-new-tokens", "12", "--log-samples-every", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    calls = [m["tools/calls_per_episode"] for m in metrics]
+    assert len(calls) == 2 and max(calls) > 0 and max(calls) <= 1
+    assert "<tool_response>" in (out / "report.md").read_text()
+
+
 def plus_count(prompts, completions):
     """A --reward-fn for the command test: the '+' signs of each transcript."""
     return [float(c.count("+")) for c in completions]

@@ -20,15 +20,20 @@ from jaxrlhf.cli.common import (
     add_common,
     add_config,
     add_distributed,
+    add_reward_flags,
     add_sample_flags,
+    add_tool_flags,
     check_fresh_run,
     check_prompts_fit,
     get_config,
+    load_prompts,
     model_dir,
     note,
     print_summary,
     resume,
+    sampler_for,
     save_policy,
+    toolbox_from_args,
     wrote,
 )
 
@@ -68,7 +73,7 @@ def cmd_grpo(args) -> int:
     config = dataclasses.replace(config, checkpoint_dir=checkpoints)
     check_fresh_run(args.resume, checkpoints, flag="--grpo-checkpoint-dir")
     functions, weights = load_reward_functions(args.reward_fn)  # flag errors before any loading
-    toolbox = _toolbox(args)
+    toolbox = toolbox_from_args(args)
     policy, tokenizer, prompts = _prompts_and_policy(args, config, data_config, toolbox)
     if args.reward_model:
         reward_model = from_pretrained(model_dir(args.reward_model, "reward model"), head="reward")
@@ -78,7 +83,7 @@ def cmd_grpo(args) -> int:
     trainer = GRPOTrainer.from_sft(
         config, from_pretrained(policy), prompts.input_ids, prompts.attention_mask,
         reward_fn=reward_fn, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, sampler=_sampler(toolbox, tokenizer),
+        pad_token_id=tokenizer.pad_token_id, sampler=sampler_for(toolbox, tokenizer),
     )  # fmt: skip
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     resume(trainer, checkpoints, metrics_path)
@@ -111,44 +116,12 @@ def _grpo_report(out: str, summary: dict, samples: SampleLog) -> str:
     return write_report(os.path.join(out, "report.md"), title="jaxrlhf grpo", sections=sections)
 
 
-def _toolbox(args):
-    """The --tool functions with the --tool-* settings (None without --tool)."""
-    from jaxrlhf.tools import Toolbox, ToolConfig, load_tool
-
-    if not args.tool:
-        return None
-    try:
-        return Toolbox([load_tool(spec) for spec in args.tool], get_config(args, ToolConfig))
-    except (TypeError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-
-
-def _sampler(toolbox, tokenizer):
-    """``rollout.sample``, or episodes in turns with the tools (``tools.sample_turns``)."""
-    import functools
-
-    from jaxrlhf.rollout import sample
-    from jaxrlhf.tools import sample_turns
-
-    if toolbox is None:
-        return sample
-    return functools.partial(sample_turns, toolbox=toolbox, tokenizer=tokenizer)
-
-
 def _prompts_and_policy(args, config, data_config, toolbox=None):
-    from jaxrlhf.data.formats import load_prompt_dataset
-    from jaxrlhf.data.preference import tokenize_prompts
     from jaxrlhf.models.tokenizer import load_tokenizer
 
     policy = model_dir(args.policy, "policy")
     tokenizer = load_tokenizer(policy)
-    rows = load_prompt_dataset(args.prompts, data_config, report=note, tokenizer=tokenizer)
-    tools = None
-    if toolbox is not None:  # a chat template that lists tools shows them to the model
-        from jaxrlhf.tools import tool_schema
-
-        tools = [tool_schema(fn) for fn in toolbox.tools.values()]
-    prompts = tokenize_prompts(rows, tokenizer, data_config, source=args.prompts, tools=tools)
+    prompts = load_prompts(args.prompts, tokenizer, data_config, toolbox)
     check_prompts_fit((policy,), prompts, config.max_new_tokens, "--grpo-max-new-tokens")
     return policy, tokenizer, prompts
 
@@ -198,7 +171,6 @@ def cmd_dpo(args) -> int:
 def add_algorithm_parsers(sub) -> None:
     """The ``grpo`` and ``dpo`` subcommands."""
     from jaxrlhf.data.preference import DataConfig
-    from jaxrlhf.tools import ToolConfig
     from jaxrlhf.train.dpo import DPOConfig
     from jaxrlhf.train.grpo_config import GRPOConfig
 
@@ -206,29 +178,14 @@ def add_algorithm_parsers(sub) -> None:
                           description=f"The critic-free family; {TB_HELP}.")  # fmt: skip
     grpo.add_argument("--prompts", required=True, help=DATA_HELP + " (a prompt column)")
     grpo.add_argument("--policy", required=True, help=MODEL_HELP + " of the SFT policy")
-    grpo.add_argument("--reward-model", help="directory written by train-rm")
-    grpo.add_argument(
-        "--reward-fn",
-        action="append",
-        default=[],
-        help="module:function[:weight] with fn(prompts, completions) -> list[float] (repeatable; "
-        "the rewards are summed with their weights), e.g. "
-        "jaxrlhf.tasks.arithmetic:correctness_reward",
-    )
+    add_reward_flags(grpo)
     grpo.add_argument(
         "--out", required=True, help="output directory (metrics, checkpoints, policy)"
-    )
-    grpo.add_argument(
-        "--tool",
-        action="append",
-        default=[],
-        help="module:function with fn(call_text) -> str, a tool the policy may call mid-episode "
-        "(repeatable), e.g. jaxrlhf.tools:calculator; see --tool-* and --max-turns",
     )
     add_common(grpo, resume=True)
     add_sample_flags(grpo)
     add_config(grpo, GRPOConfig)
-    add_config(grpo, ToolConfig)
+    add_tool_flags(grpo)
 
     dpo = sub.add_parser("dpo", help="direct preference optimisation on preference pairs",
                          description=f"DPO (Rafailov et al. 2023); {TB_HELP}.")  # fmt: skip

@@ -138,6 +138,72 @@ def check_prompts_fit(model_dirs, prompts, max_new_tokens: int, flag: str) -> No
         )
 
 
+def add_reward_flags(parser) -> None:
+    """--reward-model DIR or --reward-fn module:function[:weight] (repeatable): what scores responses."""
+    parser.add_argument("--reward-model", help="directory written by train-rm")
+    parser.add_argument(
+        "--reward-fn",
+        action="append",
+        default=[],
+        help="module:function[:weight] with fn(prompts, completions) -> list[float] (repeatable; "
+        "the rewards are summed with their weights), e.g. "
+        "jaxrlhf.tasks.arithmetic:correctness_reward",
+    )
+
+
+def add_tool_flags(parser) -> None:
+    """--tool module:function (repeatable) and ToolConfig's --tool-* / --max-turns."""
+    from jaxrlhf.tools import ToolConfig
+
+    parser.add_argument(
+        "--tool",
+        action="append",
+        default=[],
+        help="module:function with fn(call_text) -> str, a tool the policy may call mid-episode "
+        "(repeatable), e.g. jaxrlhf.tools:calculator; see --tool-* and --max-turns",
+    )
+    add_config(parser, ToolConfig)
+
+
+def toolbox_from_args(args):
+    """The --tool functions with the --tool-* settings (None without --tool)."""
+    from jaxrlhf.tools import Toolbox, ToolConfig, load_tool
+
+    if not args.tool:
+        return None
+    try:
+        return Toolbox([load_tool(spec) for spec in args.tool], get_config(args, ToolConfig))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def sampler_for(toolbox, tokenizer):
+    """``rollout.sample``, or episodes in turns with the tools (``tools.sample_turns``)."""
+    import functools
+
+    from jaxrlhf.rollout import sample
+    from jaxrlhf.tools import sample_turns
+
+    if toolbox is None:
+        return sample
+    return functools.partial(sample_turns, toolbox=toolbox, tokenizer=tokenizer)
+
+
+def load_prompts(source: str, tokenizer, data_config, toolbox=None):
+    """The prompts of ``source`` (any supported format), tokenised; with a toolbox, a chat template
+    that lists tools is shown theirs."""
+    from jaxrlhf.data.formats import load_prompt_dataset
+    from jaxrlhf.data.preference import tokenize_prompts
+
+    rows = load_prompt_dataset(source, data_config, report=note, tokenizer=tokenizer)
+    tools = None
+    if toolbox is not None:  # a chat template that lists tools shows them to the model
+        from jaxrlhf.tools import tool_schema
+
+        tools = [tool_schema(fn) for fn in toolbox.tools.values()]
+    return tokenize_prompts(rows, tokenizer, data_config, source=source, tools=tools)
+
+
 def check_out_path(args) -> None:
     """An output directory that exists as a file is refused before anything is read or written."""
     for dest in ("out", "out_dir"):

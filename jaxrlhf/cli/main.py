@@ -27,18 +27,21 @@ from jaxrlhf.cli.common import (
     add_common,
     add_config,
     add_distributed,
+    add_reward_flags,
     add_sample_flags,
+    add_tool_flags,
     check_fresh_run,
     check_out_path,
-    check_positions,
     check_prompts_fit,
     get_config,
-    longest,
+    load_prompts,
     model_dir,
     note,
     print_summary,
     resume,
+    sampler_for,
     save_policy,
+    toolbox_from_args,
     wrote,
 )
 from jaxrlhf.cli.flags import flag_name
@@ -51,7 +54,7 @@ The pipeline, each step's output the next one's input:
   jaxrlhf sft      --data FILE --model BASE --out sft       → sft/policy
   jaxrlhf train-rm --data PREFS --model sft/policy --out rm → rm/reward_model
   jaxrlhf ppo      --prompts FILE --policy sft/policy --reward-model rm/reward_model --out ppo
-  jaxrlhf generate --model ppo/policy --prompt "..."
+  jaxrlhf generate --model ppo/policy --prompt "..." [--best-of N --reward-model rm/reward_model]
 
 Data: a json/jsonl/parquet/csv file, a dataset directory or a Hub dataset name. Models: a Hugging
 Face checkpoint directory or a Hub model id. Each command writes metrics (OUT/metrics.jsonl,
@@ -99,12 +102,13 @@ def cmd_ppo(args) -> int:
     config = dataclasses.replace(config, checkpoint_dir=checkpoints)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     check_fresh_run(args.resume, checkpoints, flag="--ppo-checkpoint-dir")
-    policy, reward_model, tokenizer, prompts = _ppo_inputs(args, config, data_config)
+    toolbox = toolbox_from_args(args)
+    policy, reward_model, tokenizer, prompts = _ppo_inputs(args, config, data_config, toolbox)
     reward_model = from_pretrained(reward_model, head="reward")  # refuses an LM without a head
     trainer = PPOTrainer.from_sft(
         config, from_pretrained(policy), prompts.input_ids, prompts.attention_mask,
         reward_model=reward_model, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, sampler=sampler_for(toolbox, tokenizer),
     )  # fmt: skip
     resume(trainer, checkpoints, metrics_path)
     samples = SampleLog(trainer, tokenizer, every=args.log_samples_every,
@@ -125,19 +129,16 @@ def cmd_ppo(args) -> int:
     return 0
 
 
-def _ppo_inputs(args, config, data_config):
+def _ppo_inputs(args, config, data_config, toolbox=None):
     """(policy directory, reward-model directory, tokenizer, prompts): Hub ids resolved, the
     prompts loaded in any supported format and tokenised, and prompt + response checked to fit
     both models."""
-    from jaxrlhf.data.formats import load_prompt_dataset
-    from jaxrlhf.data.preference import tokenize_prompts
     from jaxrlhf.models.tokenizer import load_tokenizer
 
     policy = model_dir(args.policy, "policy")
     reward_model = model_dir(args.reward_model, "reward model")
     tokenizer = load_tokenizer(policy)
-    rows = load_prompt_dataset(args.prompts, data_config, report=note, tokenizer=tokenizer)
-    prompts = tokenize_prompts(rows, tokenizer, data_config, source=args.prompts)
+    prompts = load_prompts(args.prompts, tokenizer, data_config, toolbox)
     check_prompts_fit(
         (policy, reward_model), prompts, config.max_new_tokens, "--ppo-max-new-tokens"
     )
@@ -169,9 +170,10 @@ def cmd_generate(args) -> int:
     from jaxrlhf.data.preference import DataConfig, tokenize_prompts
     from jaxrlhf.models.hf import from_pretrained
     from jaxrlhf.models.tokenizer import load_tokenizer
-    from jaxrlhf.rollout import SamplingConfig, sample
+    from jaxrlhf.rollout import SamplingConfig
 
     sampling = get_config(args, SamplingConfig)
+    out = _check_generate_flags(args)
     directory = model_dir(args.model)
     tokenizer = load_tokenizer(directory)
     prompts = list(args.prompt)
@@ -180,23 +182,86 @@ def cmd_generate(args) -> int:
     if not prompts:
         raise SystemExit("error: give at least one --prompt or a --prompts-file")
     batch = tokenize_prompts({"prompt": prompts}, tokenizer, get_config(args, DataConfig))
-    width = batch.input_ids.shape[1]
-    check_positions(
-        directory,
-        width + sampling.max_new_tokens,
-        what=f"prompts padded to {width} tokens (the longest has {longest(batch.attention_mask)})"
-        f" + --max-new-tokens {sampling.max_new_tokens}",
-        fixes="lower --max-new-tokens, or --data-max-prompt-length (with --data-truncate)",
-    )
-    rollout = sample(
-        from_pretrained(directory), batch.input_ids, batch.attention_mask, sampling,
-        jax.random.PRNGKey(args.seed), eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    reward_fn, scorer = _generate_reward(args, tokenizer)
+    check_prompts_fit([directory, *scorer], batch, sampling.max_new_tokens, "--max-new-tokens")
+    result = _best_of(
+        from_pretrained(directory), batch, reward_fn, args.best_of, sampling,
+        jax.random.PRNGKey(args.seed), tokenizer,
     )  # fmt: skip
-    for prompt, tokens, mask in zip(prompts, rollout.tokens.tolist(), rollout.mask.tolist()):
-        text = tokenizer.decode([t for t, m in zip(tokens, mask) if m], skip_special_tokens=True)
-        print(json.dumps({"prompt": prompt, "completion": text}), flush=True)  # one per line
+    rows = [{"prompt": prompt, **row} for prompt, row in zip(prompts, result)]
+    if out is None:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False), flush=True)  # one per line
+        return 0
+    from jaxrlhf.collect.store import rewrite_jsonl
+
+    rewrite_jsonl(out, rows)  # atomically: a temp file, then one rename
+    wrote(out, rows=f"{len(rows)} JSON lines")
     return 0
+
+
+def _check_generate_flags(args) -> str | None:
+    """--best-of and the reward flags agree, and --out names a file whose directory exists."""
+    if args.best_of < 1:
+        raise SystemExit(f"error: --best-of {args.best_of}: must be ≥ 1")
+    if args.reward_model and args.reward_fn:
+        raise SystemExit("error: give --reward-model or --reward-fn (one or more), not both")
+    if args.best_of > 1 and not (args.reward_model or args.reward_fn):
+        raise SystemExit(
+            f"error: --best-of {args.best_of} keeps the best-scored candidate: give "
+            "--reward-model DIR or --reward-fn module:function"
+        )
+    out = args.out_file
+    if out is not None:
+        if os.path.isdir(out):
+            raise SystemExit(f"error: --out {out}: is a directory (give a file name)")
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise SystemExit(f"error: --out {out}: the directory {parent} does not exist")
+    return out
+
+
+def _generate_reward(args, tokenizer):
+    """(reward_fn or None, the reward model's directory as a list for the fit check)."""
+    from jaxrlhf.cli.algorithms import load_reward_functions
+    from jaxrlhf.models.hf import from_pretrained
+    from jaxrlhf.train.experience import reward_model_fn
+    from jaxrlhf.train.grpo import text_reward_fn
+
+    if args.reward_fn:
+        functions, weights = load_reward_functions(args.reward_fn)
+        return text_reward_fn(functions, tokenizer, weights=weights), []
+    if not args.reward_model:
+        return None, []
+    directory = model_dir(args.reward_model, "reward model")
+    return reward_model_fn(from_pretrained(directory, head="reward")), [directory]
+
+
+def _best_of(model, batch, reward_fn, n, sampling, rng, tokenizer) -> list[dict]:
+    """One row per prompt: its completion, and with a reward its score and all n candidates."""
+    from jaxrlhf.best_of import best_of_n
+    from jaxrlhf.rollout import sample
+
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if reward_fn is None:
+        rollout = sample(model, batch.input_ids, batch.attention_mask, sampling, rng, **ids)
+        return [{"completion": text} for text in _decode(tokenizer, rollout)]
+    result = best_of_n(model, batch.input_ids, batch.attention_mask, reward_fn, n=n,
+                       config=sampling, rng=rng, **ids)  # fmt: skip
+    texts, scores = _decode(tokenizer, result.candidates), result.scores.tolist()
+    rows = []
+    for i, best in enumerate(result.best.tolist()):
+        candidates = [{"completion": texts[i * n + j], "score": scores[i][j]} for j in range(n)]
+        rows.append({**candidates[best], "candidates": candidates})
+    return rows
+
+
+def _decode(tokenizer, rollout) -> list[str]:
+    tokens, mask = rollout.tokens.tolist(), rollout.attention_mask.tolist()
+    return [
+        tokenizer.decode([t for t, m in zip(row, keep) if m], skip_special_tokens=True)
+        for row, keep in zip(tokens, mask)
+    ]
 
 
 def _read_prompts_file(path: str) -> list[str]:
@@ -278,6 +343,7 @@ def _ppo_parser(sub) -> None:
     add_common(ppo, resume=True)
     add_sample_flags(ppo)
     add_config(ppo, PPOConfig)
+    add_tool_flags(ppo)
     add_config(ppo, DataConfig)
     add_distributed(ppo)
     ppo.set_defaults(run=cmd_ppo)
@@ -287,11 +353,24 @@ def _generate_parser(sub) -> None:
     from jaxrlhf.data.preference import DataConfig
     from jaxrlhf.rollout import SamplingConfig
 
-    gen = sub.add_parser("generate", help="sample completions from a model (JSON lines)")
+    gen = sub.add_parser(
+        "generate",
+        help="sample completions from a model (JSON lines); --best-of N keeps the best-scored",
+        description="Sample a completion of each prompt. With --best-of N and a reward "
+        "(--reward-model or --reward-fn), N candidates per prompt are drawn in one batched "
+        "rollout, scored in one pass, and the best kept: each line is {prompt, completion, score, "
+        "candidates: [{completion, score}, …]}. The best-of-N policy's KL to the model is at most "
+        "log N − (N−1)/N.",
+    )
     gen.add_argument("--model", required=True, help=MODEL_HELP)
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", help="a text file, one prompt per line")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.add_argument("--best-of", type=int, default=1, metavar="N",
+                     help="candidates per prompt; the best-scored is kept (default: 1)")  # fmt: skip
+    add_reward_flags(gen)  # what scores the candidates
+    gen.add_argument("--out", dest="out_file", metavar="FILE",
+                     help="write the JSON lines to FILE, atomically (default: stdout)")  # fmt: skip
     add_config(gen, SamplingConfig)
     add_config(gen, DataConfig)
     gen.set_defaults(run=cmd_generate)

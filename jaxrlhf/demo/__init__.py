@@ -53,8 +53,10 @@ def run_demo(
     """
     if demo.lora_rank:  # the RL stage trains adapters on the SFT policy (the SFT stays full)
         ppo, grpo, dpo = (
-            dataclasses.replace(c, lora_rank=demo.lora_rank) for c in (ppo, grpo, dpo)
-        )
+            dataclasses.replace(c, lora_rank=demo.lora_rank,
+                                learning_rate=c.learning_rate * demo.lora_lr_scale)
+            for c in (ppo, grpo, dpo)
+        )  # fmt: skip
     if demo.algo == "ppo":
         return run_ppo_demo(demo, sft, reward, ppo, progress=progress, echo=echo)
     if demo.algo == "dpo":

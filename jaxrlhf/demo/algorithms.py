@@ -70,6 +70,8 @@ def run_arithmetic(demo, grpo: GRPOConfig, *, progress: bool, echo) -> dict:
         "held_out_well_formed": {"before": before["format"], "after": after["format"]},
         "num_eval_prompts": len(task.eval_prompts),
         "final_reward": history[-1]["reward"],
+        "lora_rank": config.lora_rank,  # 0: a full fine-tune
+        "learning_rate": config.learning_rate,
         "seconds": time.perf_counter() - start,
     }
     records = [{"step": i + 1, **m} for i, m in enumerate(history)]

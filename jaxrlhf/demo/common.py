@@ -74,11 +74,18 @@ class DemoConfig:
     lora_rank: int = option(
         0,
         "LoRA adapters of this rank for the RL stage (PPO, GRPO, DPO) instead of a full fine-tune "
-        "(0); the learning rate stays the preset's.",
+        "(0); its learning rate is then multiplied by lora_lr_scale.",
+    )
+    lora_lr_scale: float = option(
+        5.0,
+        "With lora_rank > 0, the RL stage's learning rate (the preset's, or yours) times this: "
+        "LoRA's best rate is several times full fine-tuning's (5× on the arithmetic demo, about "
+        "10× in Schulman et al. 2025). 1 keeps the rate as given.",
     )
 
     def __post_init__(self):
         require(self.lora_rank >= 0, self, "lora_rank", "must be ≥ 0")
+        require(self.lora_lr_scale > 0, self, "lora_lr_scale", "must be > 0")
         for name in ("hidden_size", "num_layers", "num_sentences", "num_prompts", "num_pairs"):
             require(getattr(self, name) >= 1, self, name, "must be ≥ 1")
         require(self.num_eval_prompts >= 2, self, "num_eval_prompts", "must be ≥ 2")
@@ -125,8 +132,14 @@ def sample_task(task: DemoTask, actor: CausalLM, batch, rng, config: PPOConfig):
     )  # fmt: skip
 
 
-def evaluate(task: DemoTask, actor: CausalLM, reward_fn: Callable, rng, config: PPOConfig) -> dict:
-    """Sample one completion per held-out prompt; gold reward, learned reward, EOS rate, texts."""
+def evaluate(
+    task: DemoTask, actor: CausalLM, reward_fn: Callable, rng, config: PPOConfig, *, reference=None
+) -> dict:
+    """Sample one completion per held-out prompt; gold reward, learned reward, EOS rate, texts.
+
+    With the ``reference`` policy also ``kl``: KL(π ‖ π_ref) of the sequences, estimated by the
+    mean over the samples of Σₜ log π(aₜ|sₜ) − log π_ref(aₜ|sₜ) (unbiased: the samples are π's).
+    """
     batch = task.prompt_batch(task.eval_prompts)
     rollout = sample_task(task, actor, batch, rng, config)
     tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
@@ -134,12 +147,20 @@ def evaluate(task: DemoTask, actor: CausalLM, reward_fn: Callable, rng, config: 
     finished = task.finished(tokens, mask)
     gold = task.gold_reward(task.eval_prompts, texts, finished=finished)
     learned = np.asarray(reward_fn(batch.input_ids, batch.attention_mask, rollout))
-    return {
+    result = {
         "gold": float(gold.mean()),
         "learned": float(learned.mean()),
         "eos_rate": float(finished.mean()),
         "samples": list(zip(task.eval_prompts, texts, gold.tolist())),
     }
+    if reference is not None:
+        ref_logprobs, _ = reference.response_logprobs(
+            batch.input_ids, batch.attention_mask, rollout.tokens, rollout.mask,
+            temperature=config.temperature,
+        )  # fmt: skip
+        log_ratio = np.where(mask > 0, np.asarray(rollout.logprobs) - np.asarray(ref_logprobs), 0)
+        result["kl"] = float(log_ratio.sum(-1).mean())
+    return result
 
 
 def run_ppo(
@@ -174,9 +195,11 @@ def run_ppo(
         def callback(iteration: int, metrics: dict) -> None:
             record = dict(metrics)
             if iteration % demo.eval_every == 0 or iteration == config.num_iterations:
-                ev = evaluate(task, trainer.actor(), trainer.reward_fn, eval_key, config)
+                ev = evaluate(task, trainer.actor(), trainer.reward_fn, eval_key, config,
+                              reference=base)  # fmt: skip
                 final.update(ev)
-                record.update({"gold/score": ev["gold"], "eval/learned_score": ev["learned"]})
+                record.update({"gold/score": ev["gold"], "eval/learned_score": ev["learned"],
+                               "eval/kl": ev["kl"]})  # fmt: skip
             log.log(iteration, record)
             records.append({"step": iteration, **record})
 

@@ -32,11 +32,20 @@ from jaxrlhf.demo.common import (
     train_demo_reward_model,
 )
 from jaxrlhf.models import CausalLM
-from jaxrlhf.report import markdown_table, plot_curves, write_report
+from jaxrlhf.report import markdown_table, plot_against_sqrt_kl, plot_curves, write_report
 from jaxrlhf.train.experience import reward_model_fn
 from jaxrlhf.train.ppo import PPOConfig
 from jaxrlhf.train.reward import RewardConfig
 from jaxrlhf.train.sft import SFTConfig, train_sft
+
+OVER_OPTIMISATION = (
+    "The plot `gold_and_proxy_vs_sqrt_kl` sets each run's gold and proxy (learned) reward against "
+    "d = √KL(π ‖ π_SFT), the KL of its held-out samples at each evaluation (the SFT policy at d = 0), "
+    "as Gao, Schulman & Hilton (2022) plot over-optimisation: the proxy rises with d, while the gold "
+    "reward rises, peaks and falls once the policy exploits the reward model's errors. The KL "
+    "penalty keeps d small; without it (β = 0) the run goes far past the gold optimum. Chapter 12 "
+    "(`notebooks/12_over_optimisation.py`) fits Gao's forms to such curves and adds best-of-n."
+)
 
 
 def ppo_settings(ppo: PPOConfig, demo: DemoConfig) -> list[tuple[str, PPOConfig, str]]:
@@ -159,6 +168,11 @@ def _write_demo_report(demo, ppo, summary, results, runs) -> str:
         ("Run", f"{summary['seconds']:.0f} s in total. Config: PPO {ppo}."),
     ]
     plots = plot_curves(runs, os.path.join(demo.out_dir, "plots"))
+    start = results["base policy (SFT)"]
+    over = plot_against_sqrt_kl(runs, start, os.path.join(demo.out_dir, "plots", "gold_vs_kl.png"))
+    if over:
+        plots["gold_and_proxy_vs_sqrt_kl"] = over
+        sections.insert(2, ("Over-optimisation", OVER_OPTIMISATION))
     return write_report(
         os.path.join(demo.out_dir, "report.md"),
         title="jaxrlhf demo: RLHF with PPO on the built-in review task",

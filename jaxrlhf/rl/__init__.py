@@ -13,6 +13,7 @@ by the padded length T, so compact into the same T for that identity.)
 """
 
 from jaxrlhf.rl._checks import MAX_LOG_RATIO
+from jaxrlhf.rl.best_of import best_of_n_estimate, best_of_n_kl, best_of_n_probs
 from jaxrlhf.rl.dpo import dpo_loss, dpo_terms
 from jaxrlhf.rl.group import grpo_advantages, reinforce_pp_advantages, rloo_advantages
 from jaxrlhf.rl.importance import logprob_mismatch, tis_weights
@@ -52,6 +53,9 @@ __all__ = [
     "aggregate",
     "aggregate_terms",
     "approx_kl",
+    "best_of_n_estimate",
+    "best_of_n_kl",
+    "best_of_n_probs",
     "bradley_terry_loss",
     "clip_fraction",
     "clipped_surrogate",
