@@ -35,8 +35,8 @@ def _kernel_env() -> dict[str, str]:
     return env
 
 
-def test_chapters_are_numbered_01_to_11():
-    assert [p.name[:2] for p in SOURCES] == [f"{i:02d}" for i in range(1, 12)], SOURCES
+def test_chapters_are_numbered_01_to_12():
+    assert [p.name[:2] for p in SOURCES] == [f"{i:02d}" for i in range(1, 13)], SOURCES
 
 
 def test_kernel_is_this_interpreter():

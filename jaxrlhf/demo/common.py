@@ -11,11 +11,14 @@ learned from those labels, so the gold reward measures whether RLHF really helpe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxrlhf.collect import collect_preferences
 from jaxrlhf.config import option, require
@@ -154,13 +157,23 @@ def evaluate(
         "samples": list(zip(task.eval_prompts, texts, gold.tolist())),
     }
     if reference is not None:
-        ref_logprobs, _ = reference.response_logprobs(
-            batch.input_ids, batch.attention_mask, rollout.tokens, rollout.mask,
-            temperature=config.temperature,
-        )  # fmt: skip
-        log_ratio = np.where(mask > 0, np.asarray(rollout.logprobs) - np.asarray(ref_logprobs), 0)
-        result["kl"] = float(log_ratio.sum(-1).mean())
+        graphdef, state = nnx.split(reference)
+        kl = _sequence_kl(state, batch.input_ids, batch.attention_mask, rollout,
+                          graphdef=graphdef, temperature=config.temperature)  # fmt: skip
+        result["kl"] = float(kl)
     return result
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"))
+def _sequence_kl(state, prompt_ids, prompt_mask, rollout, *, graphdef, temperature):
+    """mean over rows of Σₜ log π(aₜ|sₜ) − log π_ref(aₜ|sₜ): rollout.logprobs against the reference
+    (jitted: one compile per shape, not one per evaluation)."""
+    reference = nnx.merge(graphdef, state)
+    ref_logprobs, _ = reference.response_logprobs(
+        prompt_ids, prompt_mask, rollout.tokens, rollout.mask, temperature=temperature
+    )  # [B, N]
+    log_ratio = jnp.where(rollout.mask > 0, rollout.logprobs - ref_logprobs, 0.0)
+    return jnp.mean(jnp.sum(log_ratio, axis=-1))
 
 
 def run_ppo(
