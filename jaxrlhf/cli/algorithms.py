@@ -25,6 +25,7 @@ from jaxrlhf.cli.common import (
     add_tool_flags,
     check_fresh_run,
     check_prompts_fit,
+    check_reward_flags,
     get_config,
     load_prompts,
     model_dir,
@@ -67,8 +68,7 @@ def cmd_grpo(args) -> int:
     from jaxrlhf.train.grpo_config import GRPOConfig
 
     config, data_config = get_config(args, GRPOConfig), get_config(args, DataConfig)
-    if bool(args.reward_model) == bool(args.reward_fn):
-        raise SystemExit("error: give --reward-model or --reward-fn (one or more), not both")
+    check_reward_flags(args, required=True)
     checkpoints = config.checkpoint_dir or os.path.join(args.out, "checkpoints")
     config = dataclasses.replace(config, checkpoint_dir=checkpoints)
     check_fresh_run(args.resume, checkpoints, flag="--grpo-checkpoint-dir")

@@ -151,6 +151,14 @@ def add_reward_flags(parser) -> None:
     )
 
 
+def check_reward_flags(args, *, required: bool) -> None:
+    """Not both --reward-model and --reward-fn; with ``required``, one of them."""
+    if (args.reward_model and args.reward_fn) or (
+        required and not (args.reward_model or args.reward_fn)
+    ):
+        raise SystemExit("error: give --reward-model or --reward-fn (one or more), not both")
+
+
 def add_tool_flags(parser) -> None:
     """--tool module:function (repeatable) and ToolConfig's --tool-* / --max-turns."""
     from jaxrlhf.tools import ToolConfig

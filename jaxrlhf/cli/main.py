@@ -33,6 +33,7 @@ from jaxrlhf.cli.common import (
     check_fresh_run,
     check_out_path,
     check_prompts_fit,
+    check_reward_flags,
     get_config,
     load_prompts,
     model_dir,
@@ -204,8 +205,7 @@ def _check_generate_flags(args) -> str | None:
     """--best-of and the reward flags agree, and --out names a file whose directory exists."""
     if args.best_of < 1:
         raise SystemExit(f"error: --best-of {args.best_of}: must be ≥ 1")
-    if args.reward_model and args.reward_fn:
-        raise SystemExit("error: give --reward-model or --reward-fn (one or more), not both")
+    check_reward_flags(args, required=False)
     if args.best_of > 1 and not (args.reward_model or args.reward_fn):
         raise SystemExit(
             f"error: --best-of {args.best_of} keeps the best-scored candidate: give "
@@ -240,28 +240,23 @@ def _generate_reward(args, tokenizer):
 def _best_of(model, batch, reward_fn, n, sampling, rng, tokenizer) -> list[dict]:
     """One row per prompt: its completion, and with a reward its score and all n candidates."""
     from jaxrlhf.best_of import best_of_n
+    from jaxrlhf.data.task import decode_rows
     from jaxrlhf.rollout import sample
 
     ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if reward_fn is None:
         rollout = sample(model, batch.input_ids, batch.attention_mask, sampling, rng, **ids)
-        return [{"completion": text} for text in _decode(tokenizer, rollout)]
+        texts = decode_rows(tokenizer, rollout.tokens, rollout.attention_mask)
+        return [{"completion": text} for text in texts]
     result = best_of_n(model, batch.input_ids, batch.attention_mask, reward_fn, n=n,
                        config=sampling, rng=rng, **ids)  # fmt: skip
-    texts, scores = _decode(tokenizer, result.candidates), result.scores.tolist()
+    texts = decode_rows(tokenizer, result.candidates.tokens, result.candidates.attention_mask)
+    scores = result.scores.tolist()
     rows = []
     for i, best in enumerate(result.best.tolist()):
         candidates = [{"completion": texts[i * n + j], "score": scores[i][j]} for j in range(n)]
         rows.append({**candidates[best], "candidates": candidates})
     return rows
-
-
-def _decode(tokenizer, rollout) -> list[str]:
-    tokens, mask = rollout.tokens.tolist(), rollout.attention_mask.tolist()
-    return [
-        tokenizer.decode([t for t, m in zip(row, keep) if m], skip_special_tokens=True)
-        for row, keep in zip(tokens, mask)
-    ]
 
 
 def _read_prompts_file(path: str) -> list[str]:

@@ -68,6 +68,7 @@ from jaxrlhf.data.preference import (
     right_pad,
     tokenize_prompts,
 )
+from jaxrlhf.data.task import TaskTokens
 from jaxrlhf.models.tokenizer import train_bpe_tokenizer
 
 NOUNS = ("food", "service", "staff", "pizza", "coffee", "music", "room", "view", "price", "bread")
@@ -199,7 +200,7 @@ def annotate(
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DemoTask:
+class DemoTask(TaskTokens):
     """Everything the demo needs, built by :func:`build_demo_task`."""
 
     seed: int
@@ -209,18 +210,6 @@ class DemoTask:
     eval_prompts: tuple[str, ...]  # held-out prompts for evaluation
     data_config: DataConfig  # prompt / response lengths in tokens
     tau: float  # annotator temperature
-
-    @property
-    def pad_token_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
-
-    @property
-    def eos_token_id(self) -> int:
-        return int(self.tokenizer.eos_token_id)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
 
     def corpus_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """The corpus as SFT sequences ``sentence + EOS``, right-padded: ids, mask ``[N, L]``."""

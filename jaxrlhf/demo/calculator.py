@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+from jaxrlhf.data.task import decode_rows
 from jaxrlhf.logging import MetricsLogger
 from jaxrlhf.report import markdown_table, plot_curves, write_report
 from jaxrlhf.rollout import SamplingConfig
@@ -88,8 +89,7 @@ def episodes(task, policy, prompts) -> list[dict]:
     rollout = task.sampler()(policy, ids, mask, config, jax.random.PRNGKey(0),
                              eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id)  # fmt: skip
     tokens, attention = np.asarray(rollout.tokens), np.asarray(rollout.attention_mask)
-    texts = [task.tokenizer.decode(row[a > 0].tolist(), skip_special_tokens=True)
-             for row, a in zip(tokens, attention)]  # fmt: skip
+    texts = decode_rows(task.tokenizer, tokens, attention)
     rewards = task.reward(list(prompts), texts)
     return [{"prompt": p, "episode": t.replace("<", "&lt;"), "reward": r}
             for p, t, r in zip(prompts, texts, rewards)]  # fmt: skip

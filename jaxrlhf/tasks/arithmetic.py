@@ -72,6 +72,7 @@ from jaxrlhf.data.preference import (
     tokenize_prompts,
 )
 from jaxrlhf.data.sft import SFTBatch
+from jaxrlhf.data.task import TaskTokens
 from jaxrlhf.tasks.arithmetic_problems import (
     CHARACTERS,
     FORMAT_WEIGHT,
@@ -116,7 +117,7 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ArithmeticTask:
+class ArithmeticTask(TaskTokens):
     """Everything an RL run on arithmetic needs, built by :func:`build_arithmetic_task`."""
 
     seed: int
@@ -127,28 +128,6 @@ class ArithmeticTask:
     operations: tuple[str, ...]
     max_operand: int
     max_factor: int
-
-    @property
-    def pad_token_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
-
-    @property
-    def eos_token_id(self) -> int:
-        return int(self.tokenizer.eos_token_id)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
-
-    @property
-    def max_prompt_length(self) -> int:
-        """P: the longest prompt of the problem space, in tokens."""
-        return self.data_config.max_prompt_length
-
-    @property
-    def max_new_tokens(self) -> int:
-        """R: the longest answer of the problem space + 1 (its EOS); enough to sample any answer."""
-        return self.data_config.max_response_length
 
     def answer(self, prompt: str) -> str:
         """:func:`answer`: the right completion of ``prompt`` (without EOS)."""

@@ -57,6 +57,7 @@ from jaxrlhf.data.preference import (
     tokenize_prompts,
 )
 from jaxrlhf.data.sft import SFTBatch
+from jaxrlhf.data.task import TaskTokens, decode_rows
 from jaxrlhf.tasks.arithmetic_problems import char_tokenizer
 from jaxrlhf.tools import Toolbox, ToolConfig, calculator
 
@@ -158,7 +159,7 @@ def demonstration(prompt: str, use_tool: bool) -> tuple[str, str, str]:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class CalculatorTask:
+class CalculatorTask(TaskTokens):
     """Tokenizer, disjoint prompts and widths of the calculator task (:func:`build_calculator_task`)."""
 
     seed: int
@@ -166,26 +167,6 @@ class CalculatorTask:
     train_prompts: tuple[str, ...]
     eval_prompts: tuple[str, ...]
     data_config: DataConfig  # P = 7 ("999*99="), R = the longest tool episode + EOS
-
-    @property
-    def pad_token_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
-
-    @property
-    def eos_token_id(self) -> int:
-        return int(self.tokenizer.eos_token_id)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
-
-    @property
-    def max_prompt_length(self) -> int:
-        return self.data_config.max_prompt_length
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.data_config.max_response_length
 
     def answer(self, prompt: str) -> str:
         return answer(prompt)
@@ -275,10 +256,7 @@ class CalculatorTask:
             tokens = np.asarray(rollout.tokens)[:n]
             attention = np.asarray(rollout.attention_mask)[:n]
             finished = np.any((tokens == self.eos_token_id) & (np.asarray(rollout.mask)[:n] > 0), 1)
-            texts = [
-                self.tokenizer.decode(row[a > 0].tolist(), skip_special_tokens=True)
-                for row, a in zip(tokens, attention)
-            ]
+            texts = decode_rows(self.tokenizer, tokens, attention)
             correct += [r * f for r, f in zip(correctness_reward(chunk, texts), finished)]
             calls += np.asarray(rollout.tool_calls)[:n].tolist()
         return {"accuracy": float(np.mean(correct)), "tool_calls": float(np.mean(calls))}

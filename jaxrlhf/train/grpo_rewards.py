@@ -8,6 +8,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf.data.task import decode_rows
 from jaxrlhf.rollout import Rollout
 
 
@@ -30,17 +31,9 @@ def text_reward_fn(functions, tokenizer, *, weights=None) -> Callable:
     if len(weights) != len(functions):
         raise ValueError(f"{len(weights)} weights for {len(functions)} reward functions")
 
-    def decode(ids, mask):
-        return [
-            tokenizer.decode([t for t, m in zip(row, keep) if m], skip_special_tokens=True)
-            for row, keep in zip(np.asarray(ids).tolist(), np.asarray(mask).tolist())
-        ]
-
     def reward_fn(prompt_ids, prompt_mask, rollout):
-        prompts, completions = (
-            decode(prompt_ids, prompt_mask),
-            decode(rollout.tokens, rollout.attention_mask),
-        )
+        prompts = decode_rows(tokenizer, prompt_ids, prompt_mask)
+        completions = decode_rows(tokenizer, rollout.tokens, rollout.attention_mask)
         total = np.zeros(len(completions), np.float32)
         for fn, w in zip(functions, weights):
             values = np.asarray(fn(prompts, completions), np.float32)
